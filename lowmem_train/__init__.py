@@ -1,0 +1,24 @@
+"""lowmem-train: backpropagation in less memory, with strategies chosen from config.
+
+Stable API: ``apply_strategies``, ``available_strategies``, ``StrategyError``, ``Strategy`` (for plugins).
+"""
+
+from .errors import ConfigError, LowmemError, StrategyError
+from .saved_tensors import SavedBytesMeter, SavedTensorStage
+from .strategy import Strategy, Touch, apply_strategies, available_strategies, get_strategy_class
+from .targets import repeated_blocks, select_modules
+
+__all__ = [
+    "ConfigError",
+    "LowmemError",
+    "SavedBytesMeter",
+    "SavedTensorStage",
+    "Strategy",
+    "StrategyError",
+    "Touch",
+    "apply_strategies",
+    "available_strategies",
+    "get_strategy_class",
+    "repeated_blocks",
+    "select_modules",
+]

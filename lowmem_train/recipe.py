@@ -1,0 +1,79 @@
+"""What a recipe (a training task) provides: a model, data loaders and a loss. No memory code.
+
+Concrete recipes live in ``recipes/`` and are chosen by ``_target_`` in ``configs/recipe/*.yaml``.
+The trainer calls ``build_model``, then ``build_dataloaders``, then ``forward`` on every training batch
+and ``validation_step`` on every validation batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .errors import ConfigError
+
+
+@dataclass
+class StepOutput:
+    """A training forward: per-sample losses (reduced by the trainer or a strategy) and the logits."""
+
+    per_sample_loss: torch.Tensor
+    logits: torch.Tensor
+    num_samples: int
+    num_tokens: int | None = None
+
+
+class Recipe:
+    """Base class: reads ``model`` and ``data`` configs; checks the data source is one it can load."""
+
+    name: ClassVar[str]
+    data_sources: ClassVar[tuple[str, ...]]
+    validation_metric: ClassVar[str]  # key logged by validation_step, e.g. "val/acc"
+
+    def __init__(self, model: DictConfig, data: DictConfig):
+        self.model_cfg = model
+        self.data_cfg = data
+        source = data.get("name")
+        if source not in self.data_sources:
+            raise ConfigError(
+                f"data={source} is not a data source of recipe {self.name}; valid: {', '.join(self.data_sources)}"
+            )
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_dataloaders(self) -> tuple[DataLoader, DataLoader | None]:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch) -> StepOutput:
+        raise NotImplementedError
+
+    def validation_step(self, model: nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
+        """Metrics of one validation batch (averaged over batches by Lightning) and its size."""
+        raise NotImplementedError
+
+
+class ImageClassification(Recipe):
+    """Cross-entropy on (images, labels) batches; validation accuracy and loss."""
+
+    validation_metric = "val/acc"
+
+    def forward(self, model: nn.Module, batch) -> StepOutput:
+        images, labels = batch
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        return StepOutput(loss, logits, num_samples=len(labels))
+
+    def validation_step(self, model: nn.Module, batch):
+        images, labels = batch
+        logits = model(images)
+        metrics = {
+            "val/loss": nn.functional.cross_entropy(logits, labels),
+            "val/acc": (logits.argmax(-1) == labels).float().mean(),
+        }
+        return metrics, len(labels)

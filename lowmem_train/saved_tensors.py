@@ -1,0 +1,148 @@
+"""One saved-tensor hook for the whole model: strategies add stages to it, meters count what it stores.
+
+PyTorch activates only the innermost ``saved_tensors_hooks``, so two strategies that each installed their
+own hook would silently shadow each other (and any byte counter). Instead every tensor autograd saves
+goes through one ``SavedTensorsPipeline``: its stages (compress, offload, ...) run in order on pack and in
+reverse on unpack, parameters pass through untouched, and every active ``SavedBytesMeter`` is told what
+was finally stored. A meter entered around a forward without any pipeline counts through an empty one.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class SavedTensorStage(Protocol):
+    """Transforms what autograd keeps for backward. ``pack`` gets a tensor, or what the stage before
+    it returned; ``unpack`` must undo it exactly enough for the strategy's declared bound."""
+
+    def pack(self, value: Any) -> Any: ...
+
+    def unpack(self, value: Any) -> Any: ...
+
+
+_ACTIVE_METERS: ContextVar[tuple[SavedBytesMeter, ...]] = ContextVar("lowmem_active_meters", default=())
+
+
+def parameter_storages(model: nn.Module | None) -> set[int]:
+    if model is None:
+        return set()
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def iter_tensors(value: Any):
+    """Tensors inside a packed value: a tensor, or tuples/lists/dicts of them (other leaves ignored)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from iter_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_tensors(item)
+
+
+class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
+    """Runs ``stages`` on every non-parameter tensor saved while active and reports to active meters.
+
+    ``stages`` is read at each forward, so strategies applied later join the same pipeline.
+    """
+
+    def __init__(self, stages: list[SavedTensorStage], model: nn.Module | None = None):
+        self.stages = stages
+        self.model = model
+        self._param_storages: set[int] = set()
+        self._packed: dict[tuple, tuple] = {}
+        super().__init__(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._param_storages = parameter_storages(self.model)
+        self._packed = {}
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._packed = {}
+        return super().__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor):
+        saved: tuple = ((), tensor)
+        if self.stages and tensor.untyped_storage().data_ptr() not in self._param_storages:
+            # A tensor saved by several ops (an activation's output and the next layer's input) is packed
+            # once and the packed value shared, so it is stored once, as it would be without stages.
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                   tensor.stride(), tensor.dtype, tensor._version)
+            if key not in self._packed:
+                stages = tuple(self.stages)
+                packed: Any = tensor
+                for stage in stages:
+                    packed = stage.pack(packed)
+                self._packed[key] = (stages, packed)
+            saved = self._packed[key]
+        for meter in _ACTIVE_METERS.get():
+            meter.add(saved[1])
+        return saved
+
+    @staticmethod
+    def _unpack(saved):
+        stages, packed = saved
+        for stage in reversed(stages):
+            packed = stage.unpack(packed)
+        return packed
+
+
+class SavedBytesMeter:
+    """Counts the bytes autograd holds for backward during a forward, on any device.
+
+    Each storage counts once (a tensor saved by two ops is stored once) and parameters count zero: what
+    is left is the activation memory a strategy can change. Use it around the forward only::
+
+        with SavedBytesMeter(model) as meter:
+            loss = model(x).sum()
+        meter.bytes   # held until loss.backward() frees them
+    """
+
+    def __init__(self, model: nn.Module | None = None):
+        self.model = model
+        self.bytes = 0
+        self.tensors = 0
+        self._seen: set[tuple[torch.device, int]] = set()
+        self._exclude: set[int] = set()
+        self._pipeline = SavedTensorsPipeline([], model)
+
+    def add(self, packed: Any) -> None:
+        for tensor in iter_tensors(packed):
+            storage = tensor.untyped_storage()
+            key = (tensor.device, storage.data_ptr())
+            if storage.data_ptr() in self._exclude or key in self._seen:
+                continue
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+            self.tensors += 1
+
+    def __enter__(self) -> SavedBytesMeter:
+        self.bytes, self.tensors, self._seen = 0, 0, set()
+        self._exclude = parameter_storages(self.model)
+        self._token = _ACTIVE_METERS.set(_ACTIVE_METERS.get() + (self,))
+        self._pipeline.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pipeline.__exit__(*exc)
+        _ACTIVE_METERS.reset(self._token)
+        self._seen = set()
+
+
+def install_pipeline(model: nn.Module) -> list[SavedTensorStage]:
+    """The model's stage list, creating the pipeline (entered around the root forward) on first use."""
+    stages = getattr(model, "_lowmem_saved_tensor_stages", None)
+    if stages is None:
+        stages = []
+        pipeline = SavedTensorsPipeline(stages, model)
+        model.register_forward_pre_hook(lambda module, args: pipeline.__enter__())
+        model.register_forward_hook(lambda module, args, output: pipeline.__exit__(), always_call=True)
+        model._lowmem_saved_tensor_stages = stages
+    return stages

@@ -1,0 +1,196 @@
+"""The strategy plugin interface, the registry (Python entry points) and ``apply_strategies``.
+
+A strategy is a subclass of ``Strategy`` registered under the entry-point group ``lowmem_train.strategies``.
+It overrides only the hooks it needs:
+
+- ``plan`` / ``apply``: model surgery (module swap keeping weights, wrapping forwards). Runs before the
+  optimizer is built, in ``order`` (lower first), and is what ``apply_strategies`` does for a plain loop.
+- ``saved_tensor_stage``: a pack/unpack stage on every tensor saved for backward (compression, offload).
+- ``configure_optimizer``: build the optimizer itself (low-memory optimizer states).
+- ``callbacks``: Lightning callbacks for loop hooks (first-batch initialisation, per-step statistics);
+  a callback's ``state_dict`` is saved in Lightning checkpoints, so strategy state survives resume.
+- ``reduce_loss``: turn per-sample losses into the loss to back-propagate (per-sample backward skipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .errors import StrategyError
+from .saved_tensors import SavedTensorStage, install_pipeline
+from .validation import coerce
+
+ENTRY_POINT_GROUP = "lowmem_train.strategies"
+
+
+@dataclass(frozen=True)
+class Touch:
+    """One module a strategy changes, for the dry run and the report."""
+
+    module: str
+    kind: str
+    action: str
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Strategy:
+    """Base class of memory strategies. Class attributes describe it; hooks default to doing nothing."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True  # gradients equal to plain backprop (up to float rounding)
+    order: ClassVar[int] = 50  # surgery order: swaps (low) before wrappers such as checkpointing (high)
+    incompatible_with: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type] = NoOptions
+    summary: ClassVar[str] = ""  # one line for the catalogue: what it saves and what it costs
+
+    def __init__(self, options: Mapping[str, Any] | None = None):
+        self.options = parse_options(self.name, self.Options, options or {})
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        """The modules ``apply`` would change. Raise StrategyError if the strategy matches nothing."""
+        return []
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        """Change ``model`` in place as planned, keeping every parameter object."""
+
+    def saved_tensor_stage(self) -> SavedTensorStage | None:
+        return None
+
+    def configure_optimizer(
+        self, model: nn.Module, build_default: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer | None:
+        return None
+
+    def callbacks(self) -> list:
+        return []
+
+    def reduce_loss(self, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]):
+    """Typed options from a mapping, with one-line errors for unknown keys and wrong types."""
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise StrategyError(f"strategy '{strategy}': options must be a mapping, got {options!r}")
+    fields = {f.name: f for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise StrategyError(
+            f"strategy '{strategy}': unknown option '{unknown[0]}'; valid options: {', '.join(fields) or 'none'}"
+        )
+    hints = typing.get_type_hints(options_class)
+    values = {}
+    for key, value in options.items():
+        try:
+            values[key] = coerce(value, hints[key])
+        except TypeError as exc:
+            raise StrategyError(f"strategy '{strategy}': option '{key}' {exc}") from None
+    options = options_class(**values)
+    if hasattr(options, "validate"):
+        options.validate(strategy)
+    return options
+
+
+@cache
+def _registry() -> dict[str, type[Strategy]]:
+    registry = {}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        cls = entry.load()
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(f"entry point {entry.name} = {entry.value} is not a lowmem_train.Strategy subclass")
+        cls.name = entry.name
+        registry[entry.name] = cls
+    return registry
+
+
+def available_strategies() -> list[str]:
+    return sorted(_registry())
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    registry = _registry()
+    if name not in registry:
+        raise StrategyError(f"unknown strategy '{name}'; available: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_strategies(spec: str | Iterable[str] | Mapping[str, Any] | None) -> list[Strategy]:
+    """Strategy objects from a name, a list of names or a mapping name -> options, sorted by ``order``.
+
+    Checks declared incompatibilities. ``none`` combined with others is dropped: it means plain backprop.
+    """
+    if spec is None:
+        spec = {}
+    elif isinstance(spec, str):
+        spec = {spec: {}}
+    elif isinstance(spec, (DictConfig, Mapping)):
+        spec = dict(spec)
+    else:
+        spec = {name: {} for name in spec}
+    strategies = [get_strategy_class(name)(options) for name, options in spec.items()]
+    names = {s.name for s in strategies}
+    for strategy in strategies:
+        clash = sorted(names & strategy.incompatible_with)
+        if clash:
+            raise StrategyError(f"strategy '{strategy.name}' cannot be combined with '{clash[0]}'")
+    if len(strategies) > 1:
+        strategies = [s for s in strategies if s.name != "none"]
+    return sorted(strategies, key=lambda s: s.order)
+
+
+def plan_strategies(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
+    """What each strategy would touch, without changing the model (the dry run)."""
+    return {s.name: s.plan(model) for s in strategies}
+
+
+def apply_built(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
+    """Apply already built strategies in order; the same strategy with the same options applies once."""
+    applied: dict[str, Any] = model.__dict__.setdefault("_lowmem_applied", {})
+    touched = {}
+    for strategy in strategies:
+        if strategy.name in applied:
+            if applied[strategy.name] != strategy.options:
+                raise StrategyError(
+                    f"strategy '{strategy.name}' is already applied to this model with other options "
+                    f"({applied[strategy.name]}); apply it once"
+                )
+            continue
+        plan = strategy.plan(model)
+        strategy.apply(model, plan)
+        stage = strategy.saved_tensor_stage()
+        if stage is not None:
+            install_pipeline(model).append(stage)
+        applied[strategy.name] = strategy.options
+        touched[strategy.name] = plan
+    return touched
+
+
+def apply_strategies(
+    model: nn.Module, strategies: str | Iterable[str] | Mapping[str, Any] | None
+) -> nn.Module:
+    """Apply model-level strategies to any ``nn.Module`` for use in a plain PyTorch loop.
+
+    ``strategies`` is a name, a list of names or a mapping name -> options. The model is changed in place
+    (same parameter objects and values) and returned; applying the same strategy again is a no-op.
+    Build the optimizer after this call.
+    """
+    apply_built(model, build_strategies(strategies))
+    return model

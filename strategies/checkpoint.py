@@ -1,0 +1,90 @@
+"""Activation checkpointing of repeated blocks: keep each block's inputs, recompute its inside in backward.
+
+Uses ``torch.utils.checkpoint`` with ``use_reentrant=False`` (kwargs, frozen inputs and nested graphs
+work) and its RNG replay, so dropout masks in the recomputation equal the forward's. Batch-norm running
+statistics are frozen during the recomputation, so buffers also match plain backprop.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lowmem_train import Strategy, Touch, repeated_blocks, select_modules
+
+
+@dataclass
+class CheckpointOptions:
+    targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
+    exclude: list[str] = field(default_factory=list)
+
+
+class Checkpoint(Strategy):
+    exact = True
+    order = 90  # wraps forwards, so it runs after strategies that swap modules inside the blocks
+    Options = CheckpointOptions
+    summary = "saves only each block's inputs, recomputes the block in backward (~1 extra forward)"
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        blocks = select_modules(
+            model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude,
+            default=repeated_blocks, what="repeated blocks",
+        )
+        return [Touch(name, type(module).__name__, "checkpoint: keep inputs, recompute in backward")
+                for name, module in blocks]
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        for touch in plan:
+            checkpoint_module(model.get_submodule(touch.module))
+
+
+def checkpoint_module(module: nn.Module) -> None:
+    """Make ``module`` checkpoint its forward (idempotent; parameters and state_dict keys unchanged)."""
+    if "_lowmem_inner_forward" in module.__dict__:
+        return
+    module._lowmem_inner_forward = module.forward
+    # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
+    module.forward = types.MethodType(_checkpointed_forward, module)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return self._lowmem_inner_forward(*args, **kwargs)
+    calls = 0
+
+    def run(*inner_args, **inner_kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
+        with _frozen_norm_statistics(self):
+            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+@contextmanager
+def _frozen_norm_statistics(module: nn.Module):
+    """During recomputation batch norm must not update its running statistics a second time.
+
+    Momentum 0 keeps the running statistics as they are while the recomputation saves exactly the
+    tensors the forward saved (torch checks that); the batch counter is put back afterwards.
+    """
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, (momentum, batches) in zip(norms, saved):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(batches)

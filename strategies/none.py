@@ -1,0 +1,8 @@
+"""Plain backprop: the baseline every other strategy is measured against."""
+
+from lowmem_train import Strategy
+
+
+class NoStrategy(Strategy):
+    exact = True
+    summary = "plain backprop: saves every activation autograd asks for; the baseline"

@@ -1,0 +1,59 @@
+"""Saved-activation accounting with saved_tensors_hooks, and the one-pipeline composition of stages."""
+
+import torch
+from torch import nn
+
+from lowmem_train import SavedBytesMeter
+from lowmem_train.saved_tensors import install_pipeline
+
+
+def test_meter_counts_activation_storages_once_and_never_parameters():
+    linear = nn.Linear(256, 256)
+    x = torch.randn(32, 256, requires_grad=True)
+    with SavedBytesMeter(linear) as meter:
+        y = linear(x)
+    assert meter.bytes == x.nbytes  # linear saves its input (and its weight, which is a parameter)
+    with SavedBytesMeter(linear) as meter:
+        h = torch.tanh(linear(x))
+        (h * h).sum()  # h saved by tanh (its output) and twice by mul: one storage
+    assert meter.bytes == x.nbytes + h.nbytes
+    y.sum().backward()
+
+
+class CountingStage:
+    def __init__(self):
+        self.packed, self.unpacked = 0, 0
+
+    def pack(self, tensor):
+        self.packed += 1
+        return tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+
+    def unpack(self, tensor):
+        self.unpacked += 1
+        return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+
+
+def test_installed_stage_sees_every_activation_and_meters_see_its_output():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    x = torch.randn(16, 64)
+    with SavedBytesMeter(model) as plain:
+        model(x).sum()
+    stage = CountingStage()
+    install_pipeline(model).append(stage)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with SavedBytesMeter(model) as staged:
+        loss = model(x).sum()
+    loss.backward()
+    assert staged.bytes == plain.bytes // 2
+    assert stage.packed == stage.unpacked > 0
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))  # parameters never staged
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_pipeline_is_inactive_outside_the_model_forward():
+    model = nn.Linear(8, 8)
+    stage = CountingStage()
+    install_pipeline(model).append(stage)
+    x = torch.randn(4, 8, requires_grad=True)
+    (torch.sin(x) * 2).sum().backward()
+    assert stage.packed == 0
