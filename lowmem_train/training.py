@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -145,6 +146,10 @@ def train(cfg: DictConfig) -> dict | None:
     module = TrainingModule(recipe, model, strategies, instantiate(cfg.optimizer))
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()]
+    if cfg.trainer.get("enable_checkpointing"):
+        # <run_dir>/checkpoints/last.ckpt: a path Hydra parses unquoted in ckpt_path=... (no '=' in it).
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
+                                         auto_insert_metric_name=False, save_last=True))
     logger = build_logger(cfg, run_dir)
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
     try:

@@ -1,0 +1,34 @@
+"""The training run through the Python entry point: resume from a checkpoint, CUDA memory where there is a GPU."""
+
+import csv
+
+import pytest
+import torch
+
+from conftest import compose_config
+from lowmem_train.training import train
+
+TINY = ("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=4", "trainer.max_epochs=5",
+        "data.num_samples=64")
+
+
+def test_resume_reapplies_strategies_and_continues_from_the_saved_step(tmp_path):
+    first = compose_config(*TINY, "strategy=checkpoint", "trainer.max_steps=2", "trainer.enable_checkpointing=true",
+                           run_dir=tmp_path / "first")
+    train(first)
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert (tmp_path / "first" / "checkpoints" / "step2.ckpt").exists()
+    resumed = compose_config(*TINY, "strategy=checkpoint", "trainer.max_steps=4", f"ckpt_path={ckpt}",
+                             run_dir=tmp_path / "resumed")
+    report = train(resumed)
+    with open(tmp_path / "resumed" / "memory.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [3, 4]
+    assert report["modules_touched"] == {"checkpoint": 4} and report["optimizer_state_bytes"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_memory_is_measured_per_step(tmp_path):
+    report = train(compose_config(*TINY, "trainer=debug", "trainer.accelerator=gpu", run_dir=tmp_path))
+    assert report["peak_source"] == "cuda_max_allocated" and report["device"].startswith("cuda")
+    assert report["peak_bytes"] >= report["param_bytes"] + report["activation_bytes"]
+    assert report["cuda_reserved_peak_bytes"] >= report["peak_bytes"]
