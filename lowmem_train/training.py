@@ -94,13 +94,19 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def build_recipe(cfg: DictConfig) -> Recipe:
+def instantiate_choice(cfg: DictConfig, group: str, **kwargs):
+    """``instantiate(cfg[group])`` with its failures (a missing optional package, a bad argument) as one line."""
     try:
-        return instantiate(cfg.recipe, model=cfg.model, data=cfg.data, _recursive_=False)
+        return instantiate(cfg[group], **kwargs)
     except InstantiationException as exc:
-        if isinstance(exc.__cause__, LowmemError):
-            raise exc.__cause__ from None
-        raise ConfigError(f"recipe: {first_line(exc)}") from None
+        cause = exc.__cause__
+        if isinstance(cause, LowmemError):
+            raise cause from None
+        raise ConfigError(f"{group}: {first_line(cause or exc)}") from None
+
+
+def build_recipe(cfg: DictConfig) -> Recipe:
+    return instantiate_choice(cfg, "recipe", model=cfg.model, data=cfg.data, _recursive_=False)
 
 
 def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -120,6 +126,7 @@ def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     if missing:
         raise ConfigError(f"{missing[0]} is required (it is ??? in the config); set it: {missing[0]}=...")
     trainer_kwargs(cfg)
+    instantiate_choice(cfg, "optimizer")
     return build_strategies(cfg.strategy), build_recipe(cfg)
 
 
@@ -143,7 +150,7 @@ def train(cfg: DictConfig) -> dict | None:
     train_loader, val_loader = recipe.build_dataloaders()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    module = TrainingModule(recipe, model, strategies, instantiate(cfg.optimizer))
+    module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"))
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()]
     if cfg.trainer.get("enable_checkpointing"):
