@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, LowmemError, first_line
+from .errors import ConfigError, LowmemError, one_line
 from .training import train, validate_config
 
 CONFIG_DIR = Path(str(files("lowmem_train.configs")))
@@ -60,7 +60,7 @@ def check_overrides(args: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
     except HydraException as exc:
-        raise ConfigError(f"cannot parse overrides: {first_line(exc)}") from None
+        raise ConfigError(f"cannot parse overrides: {one_line(exc)}") from None
     groups = config_groups()
     for override in parsed:
         choices = groups.get(override.key_or_group)
@@ -99,7 +99,7 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
             node = None
         valid = ", ".join(k for k in node.keys() if k != "hydra") if isinstance(node, DictConfig) else "see README"
         return f"unknown option '{key}'; valid keys under {parent or 'the top level'}: {valid}"
-    return first_line(exc)
+    return one_line(exc)
 
 
 def remove_run_outputs(run_dir: Path) -> None:

@@ -13,7 +13,7 @@ class ConfigError(LowmemError):
     """A config value the recipe, data or trainer cannot use (unknown choice, missing path, wrong type)."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, for one-line reports of third-party errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A third-party exception's message collapsed to one line (and cut at ``limit`` characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

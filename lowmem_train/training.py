@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, LowmemError, first_line
+from .errors import ConfigError, LowmemError, one_line
 from .memory import MemoryMonitor, format_report, plot_curve, summarize, write_report
 from .recipe import Recipe, StepOutput
 from .saved_tensors import SavedBytesMeter
@@ -102,7 +102,7 @@ def instantiate_choice(cfg: DictConfig, group: str, **kwargs):
         cause = exc.__cause__
         if isinstance(cause, LowmemError):
             raise cause from None
-        raise ConfigError(f"{group}: {first_line(cause or exc)}") from None
+        raise ConfigError(f"{group}: {one_line(cause or exc)}") from None
 
 
 def build_recipe(cfg: DictConfig) -> Recipe:

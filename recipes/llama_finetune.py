@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lowmem_train.data import make_loader, split, synthetic_tokens
-from lowmem_train.errors import ConfigError, first_line
+from lowmem_train.errors import ConfigError, one_line
 from lowmem_train.recipe import Recipe, StepOutput
 
 
@@ -35,7 +35,7 @@ class LlamaFinetune(Recipe):
             try:
                 return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             except OSError as exc:
-                raise ConfigError(f"model.name_or_path={path}: cannot load it ({first_line(exc)}); use a local "
+                raise ConfigError(f"model.name_or_path={path}: cannot load it ({one_line(exc)}); use a local "
                                   "directory or model=llama_tiny") from None
         return AutoModelForCausalLM.from_config(self.model_config(), dtype=dtype)
 
@@ -84,7 +84,7 @@ class LlamaFinetune(Recipe):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
             corpus = datasets.load_dataset(data.path, data.get("subset"), data_files=data_files, split=data.split)
         except (OSError, ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"data.path={data.path}: cannot load ({first_line(exc)})") from None
+            raise ConfigError(f"data.path={data.path}: cannot load ({one_line(exc)})") from None
         if data.text_field not in corpus.column_names:
             raise ConfigError(f"data.text_field={data.text_field} is not a column; columns: {corpus.column_names}")
         ids: list[int] = []
