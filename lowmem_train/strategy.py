@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +32,7 @@ from .saved_tensors import SavedTensorStage, install_pipeline
 from .validation import coerce
 
 ENTRY_POINT_GROUP = "lowmem_train.strategies"
+LOOP_HOOKS = ("configure_optimizer", "callbacks", "reduce_loss")  # what a plain PyTorch loop must call itself
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,6 @@ def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]
     """Typed options from a mapping, with one-line errors for unknown keys and wrong types."""
     if isinstance(options, DictConfig):
         options = OmegaConf.to_container(options, resolve=True)
-    if options is None:
-        options = {}
     if not isinstance(options, Mapping):
         raise StrategyError(f"strategy '{strategy}': options must be a mapping, got {options!r}")
     fields = {f.name: f for f in dataclasses.fields(options_class)}
@@ -192,5 +192,14 @@ def apply_strategies(
     (same parameter objects and values) and returned; applying the same strategy again is a no-op.
     Build the optimizer after this call.
     """
-    apply_built(model, build_strategies(strategies))
+    built = build_strategies(strategies)
+    for strategy in built:
+        loop_hooks = [hook for hook in LOOP_HOOKS if getattr(type(strategy), hook) is not getattr(Strategy, hook)]
+        if loop_hooks:
+            warnings.warn(
+                f"strategy '{strategy.name}' also acts on the training loop ({', '.join(loop_hooks)}); "
+                "apply_strategies applies only its model surgery: train with lowmem-train, or call those hooks",
+                stacklevel=2,
+            )
+    apply_built(model, built)
     return model

@@ -109,3 +109,15 @@ def test_declared_incompatibility_is_refused(third_party_plugin):
 def test_strategies_are_ordered_for_surgery():
     assert [s.name for s in build_strategies(["checkpoint", "none"])] == ["checkpoint"]
     assert build_strategies(None) == []
+
+
+def test_plain_loop_is_warned_about_loop_hooks_it_must_call_itself(monkeypatch):
+    class LossWeighting(lowmem_train.Strategy):
+        name = "loss_weighting"
+
+        def reduce_loss(self, per_sample_loss, logits):
+            return per_sample_loss.sum()
+
+    monkeypatch.setitem(_registry(), "loss_weighting", LossWeighting)
+    with pytest.warns(UserWarning, match="strategy 'loss_weighting' also acts on the training loop \\(reduce_loss\\)"):
+        apply_strategies(tiny_cnn(), "loss_weighting")

@@ -50,7 +50,8 @@ def test_multirun_writes_one_directory_and_one_wandb_run_per_job(tmp_path):
     assert all(len(files) == 1 for files in wandb_runs)
     assert wandb_runs[0][0].name != wandb_runs[1][0].name  # finished separately, not merged
     summary = (sweep / "sweep_summary.md").read_text()
-    assert "strategy=none" in summary and "strategy=checkpoint" in summary and summary.count("\n") == 4
+    assert "| strategy=none |" in summary and "| strategy=checkpoint |" in summary
+    assert summary.startswith("shared overrides: trainer=debug logger=wandb")
 
 
 @pytest.mark.parametrize("args, message", [

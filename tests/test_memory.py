@@ -63,4 +63,4 @@ def test_sweep_table_has_one_row_per_job(tmp_path):
     for i, strategy in enumerate(["none", "checkpoint"]):
         tiny_llama_run(tmp_path / str(i), f"strategy={strategy}")
     table = sweep_table(tmp_path).splitlines()
-    assert len(table) == 4 and table[0].startswith("| job | peak GiB")
+    assert len(table) == 4 and table[0].startswith("| job | peak GiB") and "| 0 |" in table[2]

@@ -32,3 +32,49 @@ def test_cuda_peak_memory_is_measured_per_step(tmp_path):
     assert report["peak_source"] == "cuda_max_allocated" and report["device"].startswith("cuda")
     assert report["peak_bytes"] >= report["param_bytes"] + report["activation_bytes"]
     assert report["cuda_reserved_peak_bytes"] >= report["peak_bytes"]
+
+
+def test_trainer_calls_every_loop_hook_of_a_strategy(tmp_path, monkeypatch):
+    import lightning as L
+
+    from lowmem_train import Strategy
+    from lowmem_train.strategy import _registry
+
+    class CountSteps(L.Callback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_train_batch_end(self, *args):
+            self.steps += 1
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+    class SumLossFrozenSGD(Strategy):
+        """Sums per-sample losses and trains with a zero learning rate: both visible in the report."""
+
+        counter = CountSteps()
+
+        def reduce_loss(self, per_sample_loss, logits):
+            return per_sample_loss.sum()
+
+        def configure_optimizer(self, model, build_default):
+            return torch.optim.SGD(model.parameters(), lr=0.0)
+
+        def callbacks(self):
+            return [self.counter]
+
+    monkeypatch.setitem(_registry(), "sum_frozen", SumLossFrozenSGD)
+    SumLossFrozenSGD.name = "sum_frozen"
+    plain = train(compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "plain"))
+    cfg = compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "hooked")
+    cfg.strategy = {"sum_frozen": {}}
+    hooked = train(cfg)
+    assert hooked["strategies"] == ["sum_frozen"] and SumLossFrozenSGD.counter.steps == 2
+    assert hooked["optimizer_state_bytes"] == 0  # SGD without momentum keeps no state (AdamW would)
+    first_loss = {}
+    for run in ("plain", "hooked"):
+        with open(tmp_path / run / "memory.csv") as f:
+            first_loss[run] = float(next(csv.DictReader(f))["loss"])
+    assert first_loss["hooked"] == pytest.approx(4 * first_loss["plain"], rel=1e-5)  # same batch, summed not averaged
+    assert plain["optimizer_state_bytes"] > 0

@@ -1,0 +1,136 @@
+"""Low-memory optimizers for the ``optimizer`` config group: quantized AdamW states and GaLore.
+
+``configs/optimizer/*.yaml`` name these by ``_target_``. ``quantized_adamw`` is called when the config is
+validated (no ``_partial_``), so a missing optional package is a one-line ConfigError before the run starts;
+it returns the factory ``params -> optimizer`` the trainer calls after surgery.
+
+Every tensor of an optimizer's state lives in ``optimizer.state`` (GaLore's projection matrices included),
+so ``lowmem_train.memory.optimizer_state_bytes`` counts it and Lightning checkpoints restore it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+OPTIM_EXTRA = "pip install 'lowmem-train[optim]'"
+BACKENDS = ("torchao", "bitsandbytes")
+
+
+def quantized_adamw(
+    *,
+    bits: int,
+    backend: str = "torchao",
+    lr: float = 3e-4,
+    betas: Sequence[float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    block_size: int | None = None,
+) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
+    """AdamW whose two moments are stored block-quantized (8 bits: ~2 bytes/param, 4 bits: ~1 byte/param).
+
+    torchao (CPU and CUDA; its step is torch.compile'd, so the first step of each parameter shape compiles)
+    or bitsandbytes (8-bit only). ``block_size`` null: the backend's default (torchao 256 for 8-bit, 128 for
+    4-bit). Like bitsandbytes, torchao keeps tensors under 4,096 values (biases, norms) in fp32.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"optimizer.backend={backend} is not a backend; valid: {', '.join(BACKENDS)}")
+    if bits not in (4, 8) or (backend == "bitsandbytes" and bits != 8):
+        valid = "8" if backend == "bitsandbytes" else "4, 8"
+        raise ConfigError(f"optimizer.bits={bits} is not supported by backend {backend}; valid: {valid}")
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if backend == "torchao":
+        try:
+            from torchao.optim import AdamW4bit, AdamW8bit
+        except ImportError:
+            raise ConfigError(f"optimizer=adamw{bits}bit needs torchao: {OPTIM_EXTRA}") from None
+        cls = AdamW8bit if bits == 8 else AdamW4bit
+        if block_size is not None:
+            kwargs["block_size"] = block_size
+    else:
+        try:
+            from bitsandbytes.optim import AdamW8bit as cls
+        except ImportError:
+            raise ConfigError("optimizer.backend=bitsandbytes needs bitsandbytes: pip install bitsandbytes") from None
+        if block_size is not None:
+            raise ConfigError("optimizer.block_size is fixed by bitsandbytes (256); set it to null")
+    return functools.partial(cls, **kwargs)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW in a low-rank subspace of each matrix's gradient (GaLore, Zhao et al. 2024).
+
+    For a 2-D parameter of shape (m, n) whose smaller side exceeds ``rank``, the gradient G is projected on
+    its top-``rank`` singular vectors (on the smaller side, refreshed by an SVD of G every
+    ``update_proj_gap`` steps); the moments live in that (m x rank or rank x n) space and the normalised
+    update is projected back and scaled by ``scale``. State: moments of rank * max(m, n) values each plus the
+    projection of rank * min(m, n), instead of 2 * m * n. Other parameters get plain AdamW.
+    Approximate: the update ignores the gradient outside the subspace (between refreshes).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25):
+        if rank < 1:
+            raise ConfigError(f"optimizer.rank={rank} must be >= 1")
+        if update_proj_gap < 1:
+            raise ConfigError(f"optimizer.update_proj_gap={update_proj_gap} must be >= 1")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                low_rank = p.dim() == 2 and min(p.shape) > group["rank"]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                step = int(state["step"].add_(1).item())
+                if low_rank:
+                    if (step - 1) % group["update_proj_gap"] == 0:
+                        state["projection"] = _projection(grad, group["rank"])
+                    grad = _project(grad, state["projection"])
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                update = exp_avg / (1 - beta1**step) / denom
+                if low_rank:
+                    update = _project_back(update, state["projection"]) * group["scale"]
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` singular vectors of ``grad`` on its smaller side: (rank, n) if m >= n, else (m, rank)."""
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    return vh[:rank].contiguous() if grad.shape[0] >= grad.shape[1] else u[:, :rank].contiguous()
+
+
+def _project(grad: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    return grad @ projection.T if grad.shape[0] >= grad.shape[1] else projection.T @ grad
+
+
+def _project_back(update: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    # The projection is (rank, n) for tall matrices and (m, rank) for wide ones; its shape tells which.
+    return update @ projection if projection.shape[0] < projection.shape[1] else projection @ update
+
