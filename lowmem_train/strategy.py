@@ -37,11 +37,12 @@ LOOP_HOOKS = ("configure_optimizer", "callbacks", "reduce_loss")  # what a plain
 
 @dataclass(frozen=True)
 class Touch:
-    """One module a strategy changes, for the dry run and the report."""
+    """One module a strategy changes (or, with ``changed=False``, looked at and left alone, saying why)."""
 
     module: str
     kind: str
     action: str
+    changed: bool = True
 
 
 @dataclass

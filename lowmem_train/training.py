@@ -133,8 +133,9 @@ def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
 def format_plan(plans) -> str:
     lines = []
     for name, touches in plans.items():
-        lines.append(f"strategy {name}: {len(touches)} module(s)")
-        lines += [f"  {t.module or '<root>'} ({t.kind}): {t.action}" for t in touches]
+        lines.append(f"strategy {name}: {sum(t.changed for t in touches)} module(s)")
+        lines += [f"  {t.module or '<root>'} ({t.kind}): {t.action}" for t in touches if t.changed]
+        lines += [f"  {t.module or '<root>'} ({t.kind}) unchanged: {t.action}" for t in touches if not t.changed]
     return "\n".join(lines)
 
 
@@ -175,7 +176,7 @@ def train(cfg: DictConfig) -> dict | None:
             "validation_metric": recipe.validation_metric if validation else None,
             "validation_metric_value": validation.get(recipe.validation_metric),
             "validation": validation,
-            "modules_touched": {name: len(plan) for name, plan in touched.items()},
+            "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
             "run_dir": str(run_dir),
         }
         (run_dir / "strategies.json").write_text(json.dumps(

@@ -1,0 +1,675 @@
+"""Approximate and memory-sharing backprop (Approx-BP, ICML 2024), applied to unmodified models by surgery.
+
+- ReGELU2 / ReSiLU2: the forward is the model's own activation (exact); backward uses a 4-level step
+  derivative, so only a 2-bit code per element is saved, four codes per uint8 (16x less than an fp32
+  input, 8x less than bf16). This is the approximate part.
+- MS-LayerNorm / MS-RMSNorm: the norm's gamma/beta are folded into the linear layers that read its output
+  (``W' = W diag(gamma)``, ``b' = b + W beta``), the norm becomes affine-free and saves only its output y and
+  an fp32 rstd per row; the linears save the very same y, so it is stored once and the norm's input is not
+  stored at all. The backward is exact. Folded gamma/beta stay in the model (same Parameter objects) at
+  1 and 0, frozen: the state_dict remains a valid checkpoint of the unconverted architecture.
+
+Where a norm's output goes is not guessed from module order: one example forward (train mode, no grad,
+RNG and buffers restored) follows the output tensor through every aten op. A norm is shared only when
+linear layers alone read it; otherwise the plan says what else does (dropout, a residual add, a copy).
+
+On CUDA the code packing, the step backward and the norm forward/backward run as Triton kernels
+(``_approx_bp_triton``); the PyTorch functions here serve the CPU and are the reference for the kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train.saved_tensors import iter_tensors
+from lowmem_train.targets import matches
+
+# ---------------------------------------------------------------------------------------------------------
+# 2-bit step derivatives (ReGELU2, ReSiLU2)
+
+
+@dataclass(frozen=True)
+class StepDerivative:
+    """A derivative replaced by ``sum_i a_i [x > c_i]``, the derivative of a sum of three shifted ReLUs
+    fitted to the activation (the fit makes ``sum(a) = 1`` and ``sum(a * c) = 0``)."""
+
+    name: str
+    slopes: tuple[float, float, float]
+    thresholds: tuple[float, float, float]
+
+    @property
+    def levels(self) -> tuple[float, float, float, float]:
+        """The derivative for code 0..3, where the code counts the thresholds below x."""
+        a0, a1, a2 = self.slopes
+        return (0.0, a0, a0 + a1, a0 + a1 + a2)
+
+
+REGELU2 = StepDerivative(
+    "ReGELU2",
+    (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
+    (-3.1858810036855245, -0.001178821281161997, 3.190832613414926),
+)
+RESILU2 = StepDerivative(
+    "ReSiLU2",
+    (-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
+    (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
+)
+
+_SHIFTS = (0, 2, 4, 6)  # four 2-bit codes per byte, the first element in the low bits
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels, or None where Triton cannot be imported (the PyTorch path is used then)."""
+    try:
+        from lowmem_train.strategies import _approx_bp_triton
+    except ImportError:
+        return None
+    return _approx_bp_triton
+
+
+def _kernels_for(tensor: torch.Tensor):
+    return _triton_kernels() if tensor.is_cuda else None
+
+
+def step_codes(x: torch.Tensor, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """Per element, how many thresholds lie below x (compared in fp32), as a flat uint8 tensor."""
+    xf = x.reshape(-1).float()
+    c0, c1, c2 = thresholds
+    return (xf > c0).to(torch.uint8) + (xf > c1) + (xf > c2)
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack a flat uint8 tensor of codes 0..3 four per byte, the first in the low bits (zero-padded)."""
+    codes = nn.functional.pad(codes, (0, -codes.numel() % 4)).view(-1, 4)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` codes of ``pack_2bit``'s output, as a flat uint8 tensor."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:numel]
+
+
+@functools.cache
+def _slopes_by_byte(step: StepDerivative, device: torch.device) -> torch.Tensor:
+    """(256, 4) fp32: the derivative of each of the four elements packed in each possible byte."""
+    codes = unpack_2bit(torch.arange(256, dtype=torch.uint8, device=device), 1024).view(256, 4)
+    return torch.tensor(step.levels, dtype=torch.float32, device=device)[codes.int()]
+
+
+def pack_step_codes(x: torch.Tensor, step: StepDerivative) -> torch.Tensor:
+    """The packed 2-bit codes of x: ceil(numel / 4) bytes, all autograd keeps of an activation's input."""
+    kernels = _kernels_for(x)
+    if kernels is not None:
+        return kernels.pack_step_codes(x.contiguous().view(-1), step.thresholds)
+    return pack_2bit(step_codes(x, step.thresholds))
+
+
+def step_backward(grad: torch.Tensor, packed: torch.Tensor, step: StepDerivative) -> torch.Tensor:
+    """``grad * step'(x)`` from the packed codes of x, in grad's dtype and shape."""
+    kernels = _kernels_for(grad)
+    if kernels is not None:
+        return kernels.step_backward(grad.contiguous(), packed, step.levels)
+    slope = _slopes_by_byte(step, grad.device)[packed.int()].view(-1)[: grad.numel()].view(grad.shape)
+    return (grad.float() * slope).to(grad.dtype)
+
+
+class _StepDerivativeActivation(torch.autograd.Function):
+    """Exact forward (the wrapped module), 2-bit step-derivative backward."""
+
+    @staticmethod
+    def forward(ctx, x, activation: nn.Module, step: StepDerivative):
+        ctx.step = step
+        ctx.save_for_backward(pack_step_codes(x, step))
+        return activation(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return step_backward(grad, packed, ctx.step), None, None
+
+
+class ApproxActivation(nn.Module):
+    """Wraps a GELU/SiLU module: its own forward, a 2-bit step derivative in backward."""
+
+    def __init__(self, activation: nn.Module, step: StepDerivative):
+        super().__init__()
+        self.activation = activation
+        self.step = step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self.activation(x)
+        return _StepDerivativeActivation.apply(x, self.activation, self.step)
+
+    def extra_repr(self) -> str:
+        return f"backward={self.step.name}"
+
+
+def _hf_activation_classes(names: tuple[str, ...]) -> tuple[type, ...]:
+    try:
+        from transformers import activations
+    except ImportError:
+        return ()
+    return tuple(getattr(activations, name) for name in names if hasattr(activations, name))
+
+
+# Exact classes only: a subclass may compute something else. Every tanh form keeps its own forward.
+_HF_ERF_GELU = ("GELUActivation",)
+_HF_TANH_GELU = ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation", "AccurateGELUActivation")
+_HF_SILU = ("SiLUActivation",)
+
+
+def activation_kind(module: nn.Module) -> tuple[StepDerivative, str] | None:
+    """(step derivative, description of the forward kept) for a convertible activation, else None."""
+    kind = type(module)
+    if kind is nn.GELU:
+        return REGELU2, "erf-GELU" if module.approximate == "none" else "tanh-GELU"
+    if kind is nn.SiLU or kind in _hf_activation_classes(_HF_SILU):
+        return RESILU2, "SiLU"
+    if kind in _hf_activation_classes(_HF_ERF_GELU):
+        return REGELU2, "erf-GELU"
+    if kind in _hf_activation_classes(_HF_TANH_GELU):
+        return REGELU2, "tanh-GELU"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory-sharing norms (MS-LayerNorm, MS-RMSNorm)
+
+
+def norm_forward(x: torch.Tensor, eps: float, centered: bool, out_dtype: torch.dtype):
+    """Affine-free LayerNorm (centered) or RMSNorm over the last dim, in fp32: (y in out_dtype, fp32 rstd
+    per row with x.shape[:-1])."""
+    kernels = _kernels_for(x)
+    if kernels is not None and kernels.supports_row(x.shape[-1]):
+        return kernels.norm_forward(x.contiguous(), eps, centered, out_dtype)
+    xf = x.float()
+    if centered:
+        xf = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(out_dtype), rstd.squeeze(-1)
+
+
+def norm_backward(grad: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, centered: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Exact input gradient from the normalised output: ``rstd * (g - mean(g) - y * mean(g * y))``,
+    without the ``mean(g)`` term for RMSNorm."""
+    kernels = _kernels_for(grad)
+    if kernels is not None and kernels.supports_row(grad.shape[-1]):
+        return kernels.norm_backward(grad.contiguous(), y, rstd, centered, dtype)
+    g, yf = grad.float(), y.float()
+    projection = (g * yf).mean(-1, keepdim=True)
+    if centered:
+        g = g - g.mean(-1, keepdim=True)
+    return ((g - yf * projection) * rstd.unsqueeze(-1)).to(dtype)
+
+
+class _SharedNorm(torch.autograd.Function):
+    """Saves the output y (which the consuming linears save too: one storage) and rstd, not the input."""
+
+    @staticmethod
+    def forward(ctx, x, eps: float, centered: bool, out_dtype: torch.dtype):
+        y, rstd = norm_forward(x, eps, centered, out_dtype)
+        ctx.centered, ctx.input_dtype = centered, x.dtype
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd = ctx.saved_tensors
+        return norm_backward(grad, y, rstd, ctx.centered, ctx.input_dtype), None, None, None
+
+
+class MSNorm(nn.Module):
+    """A LayerNorm/RMSNorm whose affine was folded into the linears that read its output.
+
+    It keeps the original norm's Parameter objects under their names (so state_dict keys and the model's
+    parameters are unchanged) at 1 / 0, frozen and unused. Under autocast y is produced in the autocast
+    dtype, which is what the linears would cast it to anyway, so they still save this very tensor.
+    """
+
+    def __init__(self, norm: nn.Module, centered: bool, eps: float | None):
+        super().__init__()
+        for name, parameter in norm.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        self.centered = centered
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return norm_forward(x, eps, self.centered, out_dtype)[0]
+        return _SharedNorm.apply(x, eps, self.centered, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{'LayerNorm' if self.centered else 'RMSNorm'}, eps={self.eps}, affine folded into consumers"
+
+
+_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
+
+
+def _is_norm_candidate(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(_NORM_CLASS_SUFFIXES)
+
+
+def _norm_eps(module: nn.Module) -> tuple[bool, float | None]:
+    for attribute in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(module, attribute):
+            value = getattr(module, attribute)
+            if value is None or isinstance(value, (int, float)):
+                return True, value
+    return False, None
+
+
+def identify_norm(module: nn.Module) -> tuple[bool, float | None] | str:
+    """(centered, eps) when ``module`` computes ``weight * norm(x) + bias`` over the last dim, checked on a
+    random input (so custom classes such as Gemma's ``1 + weight`` or channels-first norms are refused);
+    otherwise the reason it cannot be converted."""
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) - {"weight", "bias"}:
+        return f"it has parameters other than weight/bias ({', '.join(sorted(params))})"
+    weight, bias = params.get("weight"), params.get("bias")
+    shape = tuple(getattr(module, "normalized_shape", ())) or tuple(next(iter(params.values()), torch.empty(0)).shape)
+    if len(shape) != 1 or any(p.shape != shape for p in params.values()):
+        return "it does not normalise over exactly the last dimension"
+    found, eps = _norm_eps(module)
+    if not found:
+        return "it has no eps attribute to reproduce it with"
+    reference = next(iter(params.values()), torch.empty(0))
+    dtype, device = reference.dtype, reference.device
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, shape[0], generator=generator) * 2 + 0.5).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        try:
+            actual = module(x).float()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not a last-dim norm"
+            return f"it is not a norm over the last dimension ({type(exc).__name__} on a 2-d input)"
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        for centered in (True, False):
+            expected = norm_forward(x, torch.finfo(dtype).eps if eps is None else eps, centered, torch.float32)[0]
+            if weight is not None:
+                expected = expected * weight.float()
+            if bias is not None:
+                expected = expected + bias.float()
+            if actual.shape == expected.shape and torch.allclose(actual, expected, atol=tolerance, rtol=tolerance):
+                return centered, eps
+    return "it computes neither weight * LayerNorm(x) + bias nor weight * RMSNorm(x) over the last dimension"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Following each norm's output through one example forward
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+        return None
+    return tensor.untyped_storage().data_ptr()
+
+
+_aten = torch.ops.aten
+# Ops that read only a tensor's metadata: using a norm output in them shares nothing and costs nothing.
+_METADATA_OPS = {_aten.empty_like, _aten.zeros_like, _aten.ones_like, _aten.full_like, _aten.new_empty,
+                 _aten.new_zeros, _aten.new_ones, _aten.new_full, _aten.new_empty_strided, _aten.sym_size,
+                 _aten.sym_stride, _aten.sym_numel, _aten.sym_storage_offset, _aten.is_same_size}
+# What a linear may do with its input and still save that very tensor for backward.
+_MATMUL_OPS = {_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.matmul, _aten.linear, _aten.mv, _aten.addmv}
+
+
+class _OutputTracer(TorchDispatchMode):
+    """Records, for each norm output, which linear layers read it and the first other use of it."""
+
+    def __init__(self, model: nn.Module, norms: dict[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.norms = norms
+        self.owner: dict[int, str] = {}  # storage of a norm output -> norm name
+        self.kept: list[torch.Tensor] = []  # keeps those storages alive so no later tensor reuses them
+        self.calls: Counter[str] = Counter()
+        self.readers: dict[str, dict[str, None]] = defaultdict(dict)  # ordered set, first read first
+        self.other_use: dict[str, str] = {}
+        self.linear_inputs: dict[str, list[int | None]] = defaultdict(list)
+        self.stack: list[tuple[str, nn.Module]] = []
+
+    def hooks(self):
+        names = {id(norm): name for name, norm in self.norms.items()}
+        handles = []
+        for name, module in self.model.named_modules():
+            handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._leave(names.get(id(module)))))
+        return handles
+
+    def _enter(self, name):
+        def hook(module, args, kwargs):
+            self.stack.append((name, module))
+            if isinstance(module, nn.Linear):
+                self.linear_inputs[name].append(_storage(args[0] if args else kwargs.get("input")))
+        return hook
+
+    def _leave(self, norm_name):
+        def hook(module, args, output):
+            self.stack.pop()
+            if norm_name is not None:
+                self.calls[norm_name] += 1
+                self.kept.append(output)
+                self.owner[_storage(output)] = norm_name
+        return hook
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not func.is_view and func.overloadpacket not in _METADATA_OPS:
+            for leaf in tree_leaves((args, kwargs)):
+                norm = self.owner.get(_storage(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if norm is not None:
+                    self._record(norm, func, _storage(leaf))
+        return func(*args, **kwargs)
+
+    def _record(self, norm: str, func, storage: int) -> None:
+        name, module = self.stack[-1] if self.stack else ("", self.model)
+        op = func.overloadpacket.__name__
+        if isinstance(module, nn.Linear) and self.linear_inputs[name][-1] == storage:
+            if func.overloadpacket in _MATMUL_OPS:
+                self.readers[norm][name] = None
+            else:
+                self.other_use.setdefault(norm, f"linear '{name}' copies it first (aten.{op}) and saves the copy")
+        else:
+            where = f"{type(module).__name__} '{name}'" if name else f"the top-level forward of {type(module).__name__}"
+            self.other_use.setdefault(norm, f"its output is read by aten.{op} in {where}, not by a linear")
+
+
+def example_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
+    """A small (args, kwargs) input for one tracing forward, from the model's own description, or None.
+
+    Hugging Face models: ``input_ids`` (8 tokens) or ``pixel_values`` at the config's image size. Other
+    models: built for the first layer with parameters (Conv2d: a 64x64 image, or ``model.image_size``;
+    Linear or a norm: two feature vectors; Embedding: 8 token ids).
+    """
+    parameters = list(model.parameters())
+    if not parameters:
+        return None
+    device = parameters[0].device
+    dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    main_input = getattr(model, "main_input_name", None)
+    config = getattr(model, "config", None)
+    if main_input == "input_ids" and hasattr(model, "get_input_embeddings"):
+        vocab = model.get_input_embeddings().num_embeddings
+        return (), {"input_ids": torch.randint(0, vocab, (1, 8), generator=generator).to(device)}
+    if main_input == "pixel_values" and hasattr(config, "image_size"):
+        size = config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        image = torch.randn(1, getattr(config, "num_channels", 3), *size, generator=generator)
+        return (), {"pixel_values": image.to(device=device, dtype=dtype)}
+    if main_input is not None:
+        return None
+    first = next((m for m in model.modules() if next(m.children(), None) is None
+                  and next(m.parameters(recurse=False), None) is not None), None)
+    if isinstance(first, nn.Conv2d):
+        size = getattr(model, "image_size", 64)
+        x = torch.randn(1, first.in_channels, size, size, generator=generator)
+    elif isinstance(first, nn.Linear):
+        x = torch.randn(2, first.in_features, generator=generator)
+    elif hasattr(first, "normalized_shape"):
+        x = torch.randn(2, *first.normalized_shape, generator=generator)
+    elif isinstance(first, nn.Embedding):
+        return (torch.randint(0, first.num_embeddings, (1, 8), generator=generator).to(device),), {}
+    else:
+        return None
+    return (x.to(device=device, dtype=dtype),), {}
+
+
+def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[str, list[str] | str]:
+    """For each norm: the linear layers that alone read its output, or why its output cannot be shared.
+
+    Runs one forward in train mode (dropout and the like must show up) under no_grad, then puts back
+    the RNG state, every buffer (batch-norm statistics) and each module's train/eval flag.
+    """
+    inputs = example_inputs(model)
+    if inputs is None:
+        return dict.fromkeys(norms, f"there is no example input for {type(model).__name__} to trace where its "
+                                    "output goes")
+    tracer = _OutputTracer(model, norms)
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    devices = [torch.cuda.current_device()] if any(p.is_cuda for p in model.parameters()) else []
+    handles = tracer.hooks()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.train()
+            with tracer:
+                output = model(*inputs[0], **inputs[1])
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported per norm instead of raised
+        message = (str(exc).strip().splitlines() or [""])[0][:120]
+        return dict.fromkeys(norms, f"the example forward failed ({type(exc).__name__}: {message})")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    returned = {tracer.owner.get(_storage(t)) for t in iter_tensors(output)}
+    result: dict[str, list[str] | str] = {}
+    for name in norms:
+        readers = list(tracer.readers[name])
+        mine = {storage for storage, owner in tracer.owner.items() if owner == name}
+        foreign = [r for r in readers if any(s not in mine for s in tracer.linear_inputs[r])]
+        if tracer.calls[name] != 1:
+            result[name] = f"it runs {tracer.calls[name]} times in one forward"
+        elif name in tracer.other_use:
+            result[name] = tracer.other_use[name]
+        elif name in returned:
+            result[name] = "its output is returned by the model"
+        elif not readers:
+            result[name] = "no linear layer reads its output"
+        elif foreign:
+            result[name] = f"linear '{foreign[0]}' also reads other inputs"
+        else:
+            result[name] = readers
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The strategy
+
+
+@dataclass
+class ApproxBPOptions:
+    activations: bool = True  # ReGELU2 / ReSiLU2 on GELU and SiLU modules
+    norms: bool = True  # MS-LayerNorm / MS-RMSNorm where only linear layers read the norm's output
+    targets: Optional[list[str]] = None  # class names / name regexes of subtrees to convert; None: the model
+    exclude: list[str] = field(default_factory=list)  # subtrees left alone (norm consumers included)
+
+    def validate(self, strategy: str) -> None:
+        if not (self.activations or self.norms):
+            raise StrategyError(f"strategy '{strategy}': options activations and norms are both false; "
+                                "set at least one to true")
+
+
+@dataclass(frozen=True)
+class _SwapActivation:
+    step: StepDerivative
+
+
+@dataclass(frozen=True)
+class _ShareNorm:
+    centered: bool
+    eps: float | None
+    consumers: tuple[str, ...]
+
+
+class ApproxBP(Strategy):
+    exact = False
+    order = 10  # swaps modules, so it runs before wrappers such as checkpoint (90)
+    Options = ApproxBPOptions
+    summary = ("2-bit GELU/SiLU derivative codes (16x smaller in fp32) and LayerNorm/RMSNorm outputs shared "
+               "with the next linear; exact forward, approximate activation gradients")
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self._planned: tuple[weakref.ref, dict] | None = None
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        touches, conversions = self._decide(model)
+        self._planned = (weakref.ref(model), conversions)
+        return touches
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        if self._planned is None or self._planned[0]() is not model:
+            self.plan(model)
+        conversions = self._planned[1]
+        for touch in plan:
+            conversion = conversions.get(touch.module)
+            if isinstance(conversion, _SwapActivation):
+                old = model.get_submodule(touch.module)
+                _replace_module(model, old, ApproxActivation(old, conversion.step))
+            elif isinstance(conversion, _ShareNorm):
+                _fold_and_share(model, touch.module, conversion)
+
+    def _decide(self, model: nn.Module) -> tuple[list[Touch], dict[str, object]]:
+        in_scope, excluded = self._scope(model)
+        touches: list[Touch] = []
+        conversions: dict[str, object] = {}
+        candidates = [(n, m) for n, m in model.named_modules() if n and in_scope(n)
+                      and not _inside_converted(model, n)]
+        if self.options.activations:
+            for name, module in candidates:
+                kind = activation_kind(module)
+                if kind is None:
+                    continue
+                step, forward = kind
+                saving = "16x less than its fp32 input, 8x less than bf16"
+                action = (f"{step.name}: exact {forward} forward, saves a 2-bit derivative code ({saving})"
+                          if forward != "tanh-GELU" else
+                          f"{step.name} backward, keeps its own tanh-GELU forward; saves a 2-bit code ({saving})")
+                touches.append(Touch(name, type(module).__name__, action))
+                conversions[name] = _SwapActivation(step)
+        norms = [(n, m) for n, m in candidates if _is_norm_candidate(m)] if self.options.norms else []
+        if norms:
+            for name, module, outcome in self._norm_outcomes(model, norms, excluded):
+                shared = isinstance(outcome, _ShareNorm)
+                if shared:
+                    label = "MS-LayerNorm" if outcome.centered else "MS-RMSNorm"
+                    action = (f"{label}: affine folded into {', '.join(outcome.consumers)}; saves only y and rstd, "
+                              "y shared with them; exact")
+                    conversions[name] = outcome
+                else:
+                    action = f"nothing to share: {outcome}"
+                touches.append(Touch(name, type(module).__name__, action, changed=shared))
+        if not conversions:
+            detail = f"; e.g. {touches[0].module}: {touches[0].action}" if touches else ""
+            raise StrategyError(
+                f"strategy '{self.name}': nothing to convert in {type(model).__name__}: no GELU/SiLU module "
+                f"(nn.GELU, nn.SiLU, Hugging Face GELU/SiLU classes) and no LayerNorm/RMSNorm read only by "
+                f"linear layers{detail}")
+        return touches, conversions
+
+    def _scope(self, model: nn.Module):
+        """Membership test for the target subtrees minus the excluded ones; every pattern must match."""
+        named = [(n, m) for n, m in model.named_modules() if n]
+        roots = [""]
+        if self.options.targets is not None:
+            for pattern in self.options.targets:  # one at a time, so a typo is named
+                select_modules(model, strategy=self.name, targets=[pattern], default=lambda m: [],
+                               what="modules")
+            roots = [n for n, m in named if any(matches(p, n, m) for p in self.options.targets)]
+        excluded = []
+        for pattern in self.options.exclude:
+            hits = [n for n, m in named if matches(pattern, n, m)]
+            if not hits:
+                raise StrategyError(f"strategy '{self.name}': exclude pattern {pattern!r} matches no module of "
+                                    f"{type(model).__name__}; use a class name or a regex on module names")
+            excluded += hits
+
+        def is_excluded(name: str) -> bool:
+            return _under(name, excluded)
+
+        def in_scope(name: str) -> bool:
+            return _under(name, roots) and not is_excluded(name)
+
+        return in_scope, is_excluded
+
+    def _norm_outcomes(self, model, norms, excluded):
+        identified = {name: identify_norm(module) for name, module in norms}
+        traceable = {name: module for name, module in norms if not isinstance(identified[name], str)}
+        traced = trace_norm_outputs(model, traceable) if traceable else {}
+        owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        for name, module in norms:
+            outcome = identified[name]
+            if not isinstance(outcome, str):
+                outcome = traced[name]
+            if not isinstance(outcome, str):
+                outcome = self._check_fold(model, module, identified[name], outcome, owners, excluded)
+            yield name, module, outcome
+
+    @staticmethod
+    def _check_fold(model, norm, identity, consumers, owners, excluded) -> _ShareNorm | str:
+        """Folding must not change any other computation nor freeze something that was trainable."""
+        centered, eps = identity
+        own = list(norm.parameters(recurse=False))
+        if any(owners[id(p)] > 1 for p in own):
+            return "its weight is shared with another module, folding would change that one too"
+        for consumer_name in consumers:
+            consumer = model.get_submodule(consumer_name)
+            if excluded(consumer_name):
+                return f"its reader '{consumer_name}' is excluded"
+            if owners[id(consumer.weight)] > 1:
+                return f"its reader '{consumer_name}' shares its weight with another module (tied), folding " \
+                       "would change that one too"
+            if getattr(norm, "bias", None) is not None and consumer.bias is None:
+                return f"its reader '{consumer_name}' has no bias to take the norm's bias"
+            if any(p.requires_grad for p in own) and not all(p.requires_grad for p in consumer.parameters()):
+                return f"its weight is trainable but its reader '{consumer_name}' is frozen, folding would freeze it"
+        return _ShareNorm(centered, eps, tuple(consumers))
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _inside_converted(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), (ApproxActivation, MSNorm))
+               for i in range(1, len(parts)))
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered (a module object may sit under several names)."""
+    sites = [(module, child_name) for module in model.modules()
+             for child_name, child in module._modules.items() if child is old]
+    for module, child_name in sites:
+        module._modules[child_name] = new
+
+
+@torch.no_grad()
+def _fold_and_share(model: nn.Module, name: str, share: _ShareNorm) -> None:
+    """``W' = W diag(gamma)``, ``b' = b + W beta`` in place (same Parameter objects), then the norm becomes
+    an MSNorm holding its gamma/beta at 1/0, frozen."""
+    norm = model.get_submodule(name)
+    gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    for consumer_name in share.consumers:
+        linear = model.get_submodule(consumer_name)
+        weight = linear.weight.float()
+        if beta is not None:
+            linear.bias.add_((weight @ beta.float()).to(linear.bias.dtype))
+        if gamma is not None:
+            linear.weight.copy_(weight * gamma.float())
+    for parameter, neutral in ((gamma, 1.0), (beta, 0.0)):
+        if parameter is not None:
+            parameter.fill_(neutral)
+            parameter.requires_grad_(False)
+    _replace_module(model, norm, MSNorm(norm, share.centered, share.eps))
