@@ -36,8 +36,10 @@ class Checkpoint(Strategy):
             model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude,
             default=repeated_blocks, what="repeated blocks",
         )
+        # A module inside another target is recomputed with it already: checkpointing it again only nests.
+        outermost = [(n, m) for n, m in blocks if not any(n.startswith(other + ".") for other, _ in blocks)]
         return [Touch(name, type(module).__name__, "checkpoint: keep inputs, recompute in backward")
-                for name, module in blocks]
+                for name, module in outermost]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         for touch in plan:

@@ -121,3 +121,12 @@ def test_plain_loop_is_warned_about_loop_hooks_it_must_call_itself(monkeypatch):
     monkeypatch.setitem(_registry(), "loss_weighting", LossWeighting)
     with pytest.warns(UserWarning, match="strategy 'loss_weighting' also acts on the training loop \\(reduce_loss\\)"):
         apply_strategies(tiny_cnn(), "loss_weighting")
+
+
+def test_checkpoint_keeps_only_the_outermost_matching_modules():
+    model = tiny_cnn()
+    plan = lowmem_train.get_strategy_class("checkpoint")({"targets": ["blocks.*"]}).plan(model)
+    assert [t.module for t in plan] == ["blocks"]  # 'blocks.*' also matches 'blocks' itself and all inside it
+    apply_strategies(model, {"checkpoint": {"targets": ["BasicBlock"], "exclude": ["blocks.0"]}})
+    assert "_lowmem_inner_forward" in model.blocks[1].__dict__
+    assert "_lowmem_inner_forward" not in model.blocks[0].__dict__
