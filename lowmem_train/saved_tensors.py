@@ -105,13 +105,15 @@ class SavedBytesMeter:
         meter.bytes   # held until loss.backward() frees them
     """
 
-    def __init__(self, model: nn.Module | None = None):
+    def __init__(self, model: nn.Module | None = None, *, listen_only: bool = False):
+        """``listen_only``: count only what an already active pipeline reports (used inside a forward,
+        where a hook of the meter's own would shadow the model's stages)."""
         self.model = model
         self.bytes = 0
         self.tensors = 0
         self._seen: set[tuple[torch.device, int]] = set()
         self._exclude: set[int] = set()
-        self._pipeline = SavedTensorsPipeline([], model)
+        self._pipeline = None if listen_only else SavedTensorsPipeline([], model)
 
     def add(self, packed: Any) -> None:
         for tensor in iter_tensors(packed):
@@ -127,11 +129,13 @@ class SavedBytesMeter:
         self.bytes, self.tensors, self._seen = 0, 0, set()
         self._exclude = parameter_storages(self.model)
         self._token = _ACTIVE_METERS.set(_ACTIVE_METERS.get() + (self,))
-        self._pipeline.__enter__()
+        if self._pipeline is not None:
+            self._pipeline.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._pipeline.__exit__(*exc)
+        if self._pipeline is not None:
+            self._pipeline.__exit__(*exc)
         _ACTIVE_METERS.reset(self._token)
         self._seen = set()
 

@@ -8,7 +8,6 @@ statistics are frozen during the recomputation, so buffers also match plain back
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_train import Strategy, Touch, repeated_blocks, select_modules
+from lowmem_train.recompute import frozen_norm_statistics
 
 
 @dataclass
@@ -65,28 +65,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
         calls += 1
         if calls == 1:
             return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
-        with _frozen_norm_statistics(self):
+        with frozen_norm_statistics(self):
             return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
 
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-
-
-@contextmanager
-def _frozen_norm_statistics(module: nn.Module):
-    """During recomputation batch norm must not update its running statistics a second time.
-
-    Momentum 0 keeps the running statistics as they are while the recomputation saves exactly the
-    tensors the forward saved (torch checks that); the batch counter is put back afterwards.
-    """
-    norms = [m for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for norm, (momentum, batches) in zip(norms, saved):
-                norm.momentum = momentum
-                norm.num_batches_tracked.copy_(batches)

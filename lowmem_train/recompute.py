@@ -1,0 +1,29 @@
+"""Helpers for strategies that run a module's forward again during backward (checkpointing, reversible)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def frozen_norm_statistics(module: nn.Module):
+    """During a recomputation, batch norm must not update its running statistics a second time.
+
+    Momentum 0 keeps the running statistics as they are while the recomputation saves exactly the
+    tensors the forward saved (torch's checkpoint checks that); the batch counter is put back afterwards.
+    """
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, (momentum, batches) in zip(norms, saved):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(batches)

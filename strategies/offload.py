@@ -1,0 +1,108 @@
+"""Activation offload: saved activations wait for the backward in pinned host memory instead of on the GPU.
+
+A stage of the model's saved-tensor pipeline (parameters never reach it). In pack, every CUDA tensor of at
+least ``min_bytes`` is copied into pinned CPU memory on a side stream, so the copy overlaps the forward's
+compute; ``record_stream`` keeps the allocator from reusing the GPU block before the copy has read it, after
+which it is freed. In unpack the backward's stream waits for that copy and brings the tensor back
+(non-blocking from pinned memory). The values are copied bit for bit, so gradients are identical.
+
+It composes through the pipeline: with ``checkpoint`` it offloads the kept block inputs, with
+``selective_checkpoint`` the stored operator outputs, and after ``compress`` (lower ``order``) the
+compressed payload. CPU tensors pass through: on a CPU-only run it is a no-op (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from lowmem_train import Strategy, StrategyError, Touch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadOptions:
+    min_bytes: int = 1024  # smaller tensors stay on the GPU: their copy costs more than it frees
+    pin_memory: bool = True  # pinned host buffers: asynchronous copies, overlapped with compute
+
+    def validate(self, strategy_name: str) -> None:
+        if self.min_bytes < 0:
+            raise StrategyError(f"strategy '{strategy_name}': option 'min_bytes' must be >= 0, got {self.min_bytes}")
+
+
+class Offload(Strategy):
+    exact = True
+    order = 95  # after compress (its payload is what gets offloaded)
+    Options = OffloadOptions
+    summary = "moves saved activations to pinned CPU memory in forward, back in backward (PCIe traffic)"
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        action = f"saved activations >= {self.options.min_bytes} B to {'pinned ' if self.options.pin_memory else ''}CPU"
+        return [Touch("", type(model).__name__, action)]
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        if not torch.cuda.is_available():
+            log.warning("offload: no CUDA device, saved activations already live in host memory; offload is a no-op")
+
+    def saved_tensor_stage(self) -> OffloadStage:
+        return OffloadStage(self.options.min_bytes, self.options.pin_memory)
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """A tensor waiting in host memory: its copy, where it came from, and the event ending the copy."""
+
+    host: torch.Tensor
+    device: torch.device
+    copied: torch.cuda.Event
+
+
+class OffloadStage:
+    """Pack: CUDA tensors >= ``min_bytes`` to host on a side stream. Unpack: back to their device."""
+
+    def __init__(self, min_bytes: int, pin_memory: bool):
+        self.min_bytes = min_bytes
+        self.pin_memory = pin_memory
+
+    def pack(self, value: Any) -> Any:
+        return tree_map(self._offload, value)  # a tensor, or the tensors inside an earlier stage's payload
+
+    def unpack(self, value: Any) -> Any:
+        return tree_map(self._restore, value)
+
+    def _offload(self, leaf: Any) -> Any:
+        if not (isinstance(leaf, torch.Tensor) and leaf.is_cuda and leaf.nbytes >= self.min_bytes):
+            return leaf
+        compute = torch.cuda.current_stream(leaf.device)
+        side = _side_stream(leaf.device)
+        side.wait_stream(compute)  # the tensor is complete before it is read
+        with torch.cuda.stream(side):
+            host = torch.empty_like(leaf, device="cpu", pin_memory=self.pin_memory)
+            host.copy_(leaf, non_blocking=self.pin_memory)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        leaf.record_stream(side)  # its memory is not reused until the side stream has read it
+        return Offloaded(host, leaf.device, copied)
+
+    @staticmethod
+    def _restore(leaf: Any) -> Any:
+        if not isinstance(leaf, Offloaded):
+            return leaf
+        torch.cuda.current_stream(leaf.device).wait_event(leaf.copied)
+        return leaf.host.to(leaf.device, non_blocking=leaf.host.is_pinned())
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per device, shared by all models (streams are a device resource, not model state)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]

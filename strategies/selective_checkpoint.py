@@ -1,0 +1,319 @@
+"""Selective activation checkpointing: per operator, store its output or recompute it, under a memory budget.
+
+Full checkpointing recomputes every operator of a block. Most of the bytes come from cheap operators
+(activations, norms, adds, dropout) while most of the time goes into a few expensive ones (matmuls,
+convolutions) whose outputs are no larger. So, on the model's first forward with gradients:
+
+1. that forward runs as full checkpointing while profiling passes run each block twice (RNG forked,
+   batch-norm statistics frozen, so training is not disturbed, one block's activations at a time) and
+   measure per operator call its output bytes and wall time, and the bytes plain backprop (``none``)
+   saves inside the block; a census counts what the model stores besides (other layers, block inputs);
+2. one knapsack over all blocks keeps the model within ``memory_budget`` x the bytes of ``none``:
+   operator outputs are stored from the most expensive per byte down while they fit, i.e. the
+   cheapest-per-byte operators are the ones recomputed;
+3. every later forward runs ``torch.utils.checkpoint`` (``use_reentrant=False``) with
+   ``create_selective_checkpoint_contexts``: stored calls are ``MUST_SAVE``, the rest ``PREFER_RECOMPUTE``.
+
+Stored outputs go through the model's saved-tensor pipeline (``respect_saved_tensors_hooks``), so
+``SavedBytesMeter`` counts them and offload/compress stages see them. Gradients equal plain backprop:
+recomputation replays RNG and does not update batch-norm statistics twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import (
+    SAC_IGNORED_OPS,
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
+from lowmem_train.recompute import frozen_norm_statistics
+from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, parameter_storages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectiveCheckpointOptions:
+    targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
+    exclude: list[str] = field(default_factory=list)
+    memory_budget: float = 0.5  # the model stores <= this fraction of the activation bytes of `none`
+
+    def validate(self, strategy_name: str) -> None:
+        if not 0.0 < self.memory_budget <= 1.0:
+            raise StrategyError(
+                f"strategy '{strategy_name}': option 'memory_budget' must be in (0, 1], got {self.memory_budget}"
+            )
+
+
+class SelectiveCheckpoint(Strategy):
+    exact = True
+    order = 90  # wraps forwards, like checkpoint
+    incompatible_with = frozenset({"checkpoint"})  # both wrap the same blocks' forwards
+    Options = SelectiveCheckpointOptions
+    summary = ("stores the op outputs costliest to recompute per byte within a budget of `none`'s bytes, "
+               "recomputes the rest (less recompute than checkpoint)")
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        if "respect_saved_tensors_hooks" not in inspect.signature(checkpoint).parameters:
+            raise StrategyError(f"strategy '{self.name}' needs torch.utils.checkpoint(respect_saved_tensors_hooks=...) "
+                                f"(torch 2.14 has it; this is torch {torch.__version__})")
+        blocks = select_modules(
+            model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude,
+            default=repeated_blocks, what="repeated blocks",
+        )
+        action = (f"selective checkpoint: model stores <= {self.options.memory_budget:.0%} of `none`'s bytes, "
+                  "per-op choice measured on the first forward")
+        return [Touch(name, type(module).__name__, action) for name, module in blocks]
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        if "_lowmem_sac_planner" in model.__dict__:
+            return
+        planner = _Planner(self.options.memory_budget)
+        model._lowmem_sac_planner = planner
+        install_pipeline(model)  # the census counts what the model's pipeline stores
+        model.register_forward_pre_hook(planner.start_census)
+        model.register_forward_hook(planner.decide, always_call=True)
+        for touch in plan:
+            selective_checkpoint_module(model.get_submodule(touch.module), planner, touch.module)
+
+
+@dataclass
+class OpCall:
+    """One operator call of a block's forward, as profiled."""
+
+    key: tuple[str, int]  # (operator name, index among calls of that operator): how SAC counts calls too
+    nbytes: int  # bytes of fresh outputs; 0 when the output aliases an input (views, in-place ops)
+    seconds: float
+
+
+@dataclass
+class BlockProfile:
+    calls: list[OpCall]
+    none_bytes: int  # what plain backprop saves inside the block, its inputs and outputs excluded
+    input_bytes: int  # what full checkpointing keeps
+
+
+@dataclass
+class BlockDecision:
+    """What one block stores, and the estimate behind it (the per-block report)."""
+
+    name: str
+    none_bytes: int  # what plain backprop saves for the block (inputs included)
+    stored_keys: frozenset  # operator calls whose outputs are stored instead of recomputed
+    stored_bytes: int  # inputs + stored outputs
+    recompute_seconds: float  # estimated extra forward time in backward
+    full_recompute_seconds: float  # the same for full checkpointing
+
+    def describe(self) -> str:
+        return (f"{self.name}: stores {self.stored_bytes / 2**20:.2f} of {self.none_bytes / 2**20:.2f} MiB "
+                f"(saves {(self.none_bytes - self.stored_bytes) / 2**20:.2f} MiB), recompute "
+                f"~{self.recompute_seconds * 1e3:.2f} ms vs {self.full_recompute_seconds * 1e3:.2f} ms "
+                f"for full checkpoint ({len(self.stored_keys)} op outputs stored)")
+
+
+class _Planner:
+    """Takes the model-wide decision on the first training forward.
+
+    That forward runs as full checkpointing while each block is profiled and a census counts what the
+    model stores outside the blocks' insides (other layers, block inputs). Then one knapsack over all
+    blocks' operator calls keeps the total within ``budget`` x the bytes ``none`` would save.
+    """
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.profiles: dict[str, BlockProfile] = {}
+        self.decisions: dict[str, BlockDecision] = {}
+        self.census: SavedBytesMeter | None = None  # counts during the first training forward
+
+    def start_census(self, model, args):
+        if self.decisions or not torch.is_grad_enabled():
+            return
+        self.census = SavedBytesMeter(model, listen_only=True).__enter__()  # what the model's pipeline stores
+
+    def decide(self, model, args, output):
+        if self.census is None:
+            return
+        census_bytes = self.census.bytes
+        self.census.__exit__(None, None, None)
+        self.census = None
+        profiled = sum(p.none_bytes for p in self.profiles.values())
+        capacity = self.budget * (census_bytes + profiled) - census_bytes
+        calls = [(name, c) for name, p in self.profiles.items() for c in p.calls if c.nbytes > 0]
+        stored: dict[str, set] = {name: set() for name in self.profiles}
+        for name, call in sorted(calls, key=lambda item: item[1].seconds / item[1].nbytes, reverse=True):
+            if call.nbytes <= capacity:
+                stored[name].add(call.key)
+                capacity -= call.nbytes
+        for name, profile in self.profiles.items():
+            full = sum(c.seconds for c in profile.calls)
+            kept = [c for c in profile.calls if c.key in stored[name]]
+            self.decisions[name] = BlockDecision(
+                name=name, none_bytes=profile.none_bytes + profile.input_bytes, stored_keys=frozenset(stored[name]),
+                stored_bytes=profile.input_bytes + sum(c.nbytes for c in kept),
+                recompute_seconds=full - sum(c.seconds for c in kept), full_recompute_seconds=full,
+            )
+            log.info("selective_checkpoint %s", self.decisions[name].describe())
+
+
+def block_decisions(model: nn.Module) -> list[BlockDecision]:
+    """The per-block decisions, in forward order (empty before the first training forward)."""
+    return list(model._lowmem_sac_planner.decisions.values())
+
+
+def selective_checkpoint_module(module: nn.Module, planner: _Planner, name: str) -> None:
+    """Make ``module`` checkpoint its forward, storing what ``planner`` decides (parameters unchanged)."""
+    module._lowmem_inner_forward = module.forward
+    module._lowmem_sac_planner = planner
+    module._lowmem_sac_name = name
+    # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
+    module.forward = types.MethodType(_selective_forward, module)
+
+
+def _selective_forward(self: nn.Module, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return self._lowmem_inner_forward(*args, **kwargs)
+    planner = self._lowmem_sac_planner
+    decision = planner.decisions.get(self._lowmem_sac_name)
+    if decision is None and planner.census is not None and self._lowmem_sac_name not in planner.profiles:
+        planner.profiles[self._lowmem_sac_name] = _profile(self, args, kwargs, parameter_storages(self))
+    stored = decision.stored_keys if decision else frozenset()  # undecided: full checkpointing
+    calls = 0
+
+    def run(*inner_args, **inner_kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
+        with _frozen_norms_outside_sac(self):
+            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=partial(_contexts, stored), respect_saved_tensors_hooks=True, **kwargs)
+
+
+@contextmanager
+def _frozen_norms_outside_sac(module: nn.Module):
+    """Batch-norm freezing for the recomputation, its own tensor ops hidden from SAC's operator count."""
+    frozen = frozen_norm_statistics(module)
+    with _disable_current_modes():
+        frozen.__enter__()
+    try:
+        yield
+    finally:
+        with _disable_current_modes():
+            frozen.__exit__(None, None, None)
+
+
+def _contexts(stored: frozenset):
+    """Fresh SAC contexts for one checkpointed call: calls are numbered per operator, as when profiled."""
+    counts: dict[str, int] = {}
+
+    def policy(ctx, func, *args, **kwargs):
+        name = str(func)
+        index = counts.get(name, 0)
+        counts[name] = index + 1
+        return CheckpointPolicy.MUST_SAVE if (name, index) in stored else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+class _OpProfiler(TorchDispatchMode):
+    """Records every operator call's fresh output bytes and wall time (synchronising CUDA around it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[OpCall] = []
+        self._counts: dict[str, int] = {}
+        self._producer: dict[int, int] = {}  # storage -> index of the call that produced it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SAC_IGNORED_OPS:
+            return func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        cuda = any(t.is_cuda for t in inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        for ptr in _written_storages(func, args, kwargs):
+            # SAC refuses a stored output that is later changed in place (ReLU(inplace), ``out += x``).
+            if ptr in self._producer:
+                self.calls[self._producer.pop(ptr)].nbytes = 0
+        input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+        fresh = {}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
+                fresh[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        name = str(func)
+        index = self._counts.get(name, 0)
+        self._counts[name] = index + 1
+        self._producer.update(dict.fromkeys(fresh, len(self.calls)))
+        self.calls.append(OpCall((name, index), sum(fresh.values()), seconds))
+        return out
+
+
+def _written_storages(func, args, kwargs) -> list[int]:
+    """Storages of the arguments an operator writes in place (from its schema's alias annotations)."""
+    written = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[position] if position < len(args) else kwargs.get(argument.name)
+        written += [t.untyped_storage().data_ptr() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return written
+
+
+def _profile(module: nn.Module, args, kwargs, param_storages: set[int], repeats: int = 2) -> BlockProfile:
+    """Operator calls of one forward (time: the fastest of ``repeats``) and the bytes backprop saves.
+
+    The passes must not change training: RNG is forked (dropout masks of the real forward unchanged) and
+    batch-norm running statistics frozen. One block's full activations live only during this call.
+    """
+    inputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for t in tree_flatten((args, kwargs))[0]
+              if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in param_storages}
+    saved: dict[int, int] = {}  # storage -> bytes, of the first pass (later passes may reuse addresses)
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in param_storages and ptr not in inputs and not runs:
+            saved[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    devices = sorted({t.device.index or 0 for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor) and t.is_cuda})
+    runs: list[list[OpCall]] = []
+    with torch.random.fork_rng(devices=devices), frozen_norm_statistics(module):
+        for _ in range(repeats):
+            profiler = _OpProfiler()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), profiler:
+                output = module._lowmem_inner_forward(*args, **kwargs)
+            if not runs:
+                # The output is the next block's input, which the census already counts when it is kept.
+                for tensor in tree_flatten(output)[0]:
+                    if isinstance(tensor, torch.Tensor):
+                        saved.pop(tensor.untyped_storage().data_ptr(), None)
+            runs.append(profiler.calls)
+            del output
+    calls = [OpCall(c.key, c.nbytes, min(run[i].seconds for run in runs)) for i, c in enumerate(runs[0])]
+    return BlockProfile(calls, sum(saved.values()), sum(inputs.values()))
