@@ -19,4 +19,7 @@ STRATEGY_SETTINGS = {
     "offload": {"options": {}, "applies_to": ("cnn", "transformer")},
     "reversible": {"options": {}, "applies_to": ("cnn", "transformer"), "min_grad_cosine": None},
     "approx_bp": {"options": {}, "applies_to": ("transformer",), "min_grad_cosine": 0.6},
+    "step_in_backward": {"options": {}, "applies_to": ("cnn", "transformer")},
+    "skip_backward": {"options": {}, "applies_to": ("cnn", "transformer"), "min_grad_cosine": 0.9},
+    "velora": {"options": {"groups": 16}, "applies_to": ("transformer",), "min_grad_cosine": 0.4},
 }
