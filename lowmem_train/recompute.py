@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @contextmanager
@@ -27,3 +28,20 @@ def frozen_norm_statistics(module: nn.Module):
             for norm, (momentum, batches) in zip(norms, saved):
                 norm.momentum = momentum
                 norm.num_batches_tracked.copy_(batches)
+
+
+def checkpointed_call(module: nn.Module, forward, *args, recompute_guard=frozen_norm_statistics,
+                      checkpoint_options: dict | None = None, **kwargs):
+    """``forward(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant, RNG replayed); every
+    recomputation runs inside ``recompute_guard(module)``, so batch-norm statistics update only once."""
+    calls = 0
+
+    def run(*inner_args, **inner_kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return forward(*inner_args, **inner_kwargs)
+        with recompute_guard(module):
+            return forward(*inner_args, **inner_kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **(checkpoint_options or {}), **kwargs)

@@ -13,10 +13,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lowmem_train import Strategy, Touch, repeated_blocks, select_modules
-from lowmem_train.recompute import frozen_norm_statistics
+from lowmem_train.recompute import checkpointed_call
 
 
 @dataclass
@@ -58,14 +57,4 @@ def checkpoint_module(module: nn.Module) -> None:
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return self._lowmem_inner_forward(*args, **kwargs)
-    calls = 0
-
-    def run(*inner_args, **inner_kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
-        with frozen_norm_statistics(self):
-            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
-
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+    return checkpointed_call(self, self._lowmem_inner_forward, *args, **kwargs)

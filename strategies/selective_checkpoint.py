@@ -42,7 +42,7 @@ from torch.utils.checkpoint import (
 )
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
-from lowmem_train.recompute import frozen_norm_statistics
+from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics
 from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, parameter_storages
 
 log = logging.getLogger(__name__)
@@ -193,18 +193,9 @@ def _selective_forward(self: nn.Module, *args, **kwargs):
     if decision is None and planner.census is not None and self._lowmem_sac_name not in planner.profiles:
         planner.profiles[self._lowmem_sac_name] = _profile(self, args, kwargs, parameter_storages(self))
     stored = decision.stored_keys if decision else frozenset()  # undecided: full checkpointing
-    calls = 0
-
-    def run(*inner_args, **inner_kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
-        with _frozen_norms_outside_sac(self):
-            return self._lowmem_inner_forward(*inner_args, **inner_kwargs)
-
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True,
-                      context_fn=partial(_contexts, stored), respect_saved_tensors_hooks=True, **kwargs)
+    options = {"context_fn": partial(_contexts, stored), "respect_saved_tensors_hooks": True}
+    return checkpointed_call(self, self._lowmem_inner_forward, *args, recompute_guard=_frozen_norms_outside_sac,
+                             checkpoint_options=options, **kwargs)
 
 
 @contextmanager
