@@ -3,7 +3,7 @@
 PyTorch activates only the innermost ``saved_tensors_hooks``, so two strategies that each installed their
 own hook would silently shadow each other (and any byte counter). Instead every tensor autograd saves
 goes through one ``SavedTensorsPipeline``: its stages (compress, offload, ...) run in order on pack and in
-reverse on unpack, parameters pass through untouched, and every active ``SavedBytesMeter`` is told what
+reverse on unpack, parameters and buffers pass through untouched, and every active ``SavedBytesMeter`` is told what
 was finally stored. A meter entered around a forward without any pipeline counts through an empty one.
 """
 
@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class SavedTensorStage(Protocol):
@@ -29,9 +30,11 @@ _ACTIVE_METERS: ContextVar[tuple[SavedBytesMeter, ...]] = ContextVar("lowmem_act
 
 
 def parameter_storages(model: nn.Module | None) -> set[int]:
+    """Storages of the model's state (parameters and buffers, e.g. batch-norm running statistics): saved
+    for backward by some ops, but model state, not activations, so never counted or transformed."""
     if model is None:
         return set()
-    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
 def iter_tensors(value: Any):
@@ -73,15 +76,17 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
         if self.stages and tensor.untyped_storage().data_ptr() not in self._param_storages:
             # A tensor saved by several ops (an activation's output and the next layer's input) is packed
             # once and the packed value shared, so it is stored once, as it would be without stages.
+            # The weak reference tells a live storage from a freed one whose address was reused since.
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                    tensor.stride(), tensor.dtype, tensor._version)
-            if key not in self._packed:
+            entry = self._packed.get(key)
+            if entry is None or entry[0].expired():
                 stages = tuple(self.stages)
                 packed: Any = tensor
                 for stage in stages:
                     packed = stage.pack(packed)
-                self._packed[key] = (stages, packed)
-            saved = self._packed[key]
+                entry = self._packed[key] = (StorageWeakRef(tensor.untyped_storage()), (stages, packed))
+            saved = entry[1]
         for meter in _ACTIVE_METERS.get():
             meter.add(saved[1])
         return saved
@@ -97,8 +102,8 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
 class SavedBytesMeter:
     """Counts the bytes autograd holds for backward during a forward, on any device.
 
-    Each storage counts once (a tensor saved by two ops is stored once) and parameters count zero: what
-    is left is the activation memory a strategy can change. Use it around the forward only::
+    Each storage counts once (a tensor saved by two ops is stored once) and parameters and buffers count
+    zero: what is left is the activation memory a strategy can change. Use it around the forward only::
 
         with SavedBytesMeter(model) as meter:
             loss = model(x).sum()

@@ -195,7 +195,8 @@ def apply_strategies(
     """
     built = build_strategies(strategies)
     for strategy in built:
-        loop_hooks = [hook for hook in LOOP_HOOKS if getattr(type(strategy), hook) is not getattr(Strategy, hook)]
+        loop_hooks = [hook for hook in LOOP_HOOKS if getattr(type(strategy), hook) is not getattr(Strategy, hook)
+                      and (hook != "callbacks" or strategy.callbacks())]
         if loop_hooks:
             warnings.warn(
                 f"strategy '{strategy.name}' also acts on the training loop ({', '.join(loop_hooks)}); "

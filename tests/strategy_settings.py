@@ -14,6 +14,7 @@ STRATEGY_SETTINGS = {
     "checkpoint": {"options": {}, "applies_to": ("cnn", "transformer")},
     # 4 bits: per-parameter cosine >= 0.91 over 6 rounding seeds on these batches (tests/test_compress.py
     # holds 8/4/2-bit bounds); min_numel 256 so that the tiny models' activations are compressed at all
+    "compress": {"options": {"bits": 4, "min_numel": 256}, "applies_to": ("cnn", "transformer"),
                  "min_grad_cosine": 0.85},
     "selective_checkpoint": {"options": {"memory_budget": 0.5}, "applies_to": ("cnn", "transformer")},
     "offload": {"options": {}, "applies_to": ("cnn", "transformer")},

@@ -1,5 +1,7 @@
 """Saved-activation accounting with saved_tensors_hooks, and the one-pipeline composition of stages."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -57,3 +59,35 @@ def test_pipeline_is_inactive_outside_the_model_forward():
     x = torch.randn(4, 8, requires_grad=True)
     (torch.sin(x) * 2).sum().backward()
     assert stage.packed == 0
+
+
+class CloneStage:
+    """Exact, and keeps no reference to the original: its memory is free for the next tensor."""
+
+    def pack(self, tensor):
+        return tensor.clone()
+
+    def unpack(self, tensor):
+        return tensor
+
+
+def test_a_freed_tensor_reusing_an_address_is_packed_anew():
+    """A new tensor at a freed tensor's address (same shape) must not get the freed one's packed value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(4) for layer in (nn.Linear(32, 32), nn.Tanh())], nn.Linear(32, 1))
+    reference = copy.deepcopy(model)
+    install_pipeline(model).append(CloneStage())
+    x = torch.randn(8, 32)
+    for _ in range(3):
+        model(x).sum().backward()
+        reference(x).sum().backward()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_batch_norm_running_statistics_are_model_state_not_activations():
+    norm = nn.BatchNorm1d(64)
+    x = torch.randn(16, 64, requires_grad=True)
+    with SavedBytesMeter(norm) as meter:
+        norm(x).sum()
+    assert meter.bytes == x.nbytes + 2 * 64 * 4  # input + saved mean and inverse std; running stats excluded

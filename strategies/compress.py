@@ -1,0 +1,825 @@
+"""Compressed saved activations: the forward is exact, backward gets a low-bit copy of each activation.
+
+Every float tensor autograd saves (inputs of convolutions, linears, norms, activations, attention
+products, element-wise products) goes through one saved-tensor stage that keeps it as groups of
+``group_size`` consecutive values (in memory order), each group with its own bf16 minimum and step,
+rounded stochastically to ``bits`` bits (unbiased) and bit-packed. Cheaper exact encodings are used
+where they exist: a 1-bit mask for ReLU and dropout, max-pool window offsets in one byte, nothing but
+the shape for average pooling, and for mostly-zero tensors a bitmap (shared with the ReLU/dropout mask
+when the tensor is that op's output) or positions plus the non-zero values. Parameters and buffers are
+never compressed; a tensor saved by several ops is encoded once.
+
+Module knowledge comes from forward hooks: every module pushes its kind (conv, linear, ...) while it
+runs, so the stage knows which kind of layer saves each tensor (the ``layers`` and ``exclude`` options,
+the per-layer bit allocation of the adaptive mode). ReLU, dropout and pooling modules get a forward that
+saves their compact encoding through ``ctx.save_for_backward``.
+
+Quantisation and packing run as Triton kernels on CUDA (``_compress_triton``) and as the PyTorch
+reference below elsewhere. Stochastic rounding draws from the strategy's own generators, so the model's
+random stream (dropout masks) is the same with and without compression.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
+from lowmem_train.targets import matches
+
+BITS = (2, 4, 8)
+ADAPTIVE_BITS = (1, 2, 4, 8)  # every width divides 8, so codes pack into whole bytes
+KINDS = ("conv", "linear", "norm", "activation", "dropout", "pool", "attention", "other", "top")
+META_BYTES = 4  # per group: bf16 minimum + bf16 step
+
+
+@dataclass
+class CompressOptions:
+    bits: int = 2  # 2, 4 or 8; in adaptive mode the average over all quantised values
+    group_size: int = 256  # values per min/step group: a power of two in [16, 4096]
+    layers: list[str] = field(default_factory=lambda: list(KINDS))  # kinds of layer whose saves shrink
+    exclude: list[str] = field(default_factory=list)  # module classes / name regexes kept exact (subtree)
+    min_numel: int = 1024  # smaller saved tensors are kept as they are
+    adaptive: bool = False  # per-tensor bits (1/2/4/8) by measured sensitivity, averaging `bits`
+    adapt_every: int = 1000  # optimizer steps between two calibrations (adaptive mode, Lightning callback)
+    seed: int = 0  # seed of the strategy's own stochastic-rounding generators
+
+    def validate(self, strategy: str) -> None:
+        if self.bits not in BITS:
+            raise StrategyError(f"strategy '{strategy}': option 'bits' must be one of {list(BITS)}, got {self.bits}")
+        size = self.group_size
+        if size < 16 or size > 4096 or size & (size - 1):
+            raise StrategyError(
+                f"strategy '{strategy}': option 'group_size' must be a power of two in [16, 4096], got {size}"
+            )
+        unknown = sorted(set(self.layers) - set(KINDS))
+        if unknown or not self.layers:
+            raise StrategyError(
+                f"strategy '{strategy}': option 'layers' takes kinds among {list(KINDS)}, got {self.layers}"
+            )
+        if self.min_numel < 0:
+            raise StrategyError(f"strategy '{strategy}': option 'min_numel' must be >= 0, got {self.min_numel}")
+        if self.adapt_every < 1:
+            raise StrategyError(f"strategy '{strategy}': option 'adapt_every' must be >= 1, got {self.adapt_every}")
+
+
+# ---------------------------------------------------------------- bit packing and quantisation (reference)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes below 2**bits, numel a multiple of 8 // bits, packed little-end first into bytes."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return codes
+    codes = codes.view(-1, per_byte)
+    packed = codes[:, 0].clone()
+    for j in range(1, per_byte):
+        packed |= codes[:, j] << (bits * j)
+    return packed
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """The first ``n`` codes of ``pack_bits`` output, as uint8."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed[:n]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & (2**bits - 1)).view(-1)[:n]
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A flat bool tensor as one bit per value (padded to whole bytes)."""
+    pad = -mask.numel() % 8
+    codes = mask.to(torch.uint8)
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    return pack_bits(codes, 1)
+
+
+def unpack_mask(packed: Tensor, n: int) -> Tensor:
+    return unpack_bits(packed, 1, n).bool()
+
+
+def round_to_bf16(x: Tensor, up: bool) -> Tensor:
+    """fp32 values rounded to the nearest bf16 value towards +inf (``up``) or -inf, still as fp32.
+
+    The stored minimum is rounded down and the step up, so the group's range always covers its values
+    and stochastic rounding stays unbiased without clamping.
+    """
+    raw = x.view(torch.int32)
+    truncated = raw & -65536  # towards zero
+    away = (x > 0) if up else (x < 0)
+    return (truncated + (((truncated != raw) & away).to(torch.int32) << 16)).view(torch.float32)
+
+
+def _grid(flat: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``flat`` as fp32 [groups, group_size] (the last group padded with its last value, which leaves its
+    min and max unchanged) with each group's bf16 minimum and step."""
+    n = flat.numel()
+    groups = -(-n // group_size)
+    x = flat.float()
+    pad = groups * group_size - n
+    if pad:
+        x = torch.cat([x, x[-1:].expand(pad)])
+    x = x.view(groups, group_size)
+    low, high = x.aminmax(dim=1)
+    low = round_to_bf16(low, up=False)
+    step = round_to_bf16((high - low) / (2**bits - 1), up=True)
+    return x, low, step
+
+
+def _scaled(x: Tensor, low: Tensor, step: Tensor) -> Tensor:
+    divisor = torch.where(step > 0, step, torch.ones_like(step))  # step 0: every value equals low
+    return (x - low[:, None]).div_(divisor[:, None])
+
+
+def quantize(flat: Tensor, bits: int, group_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Stochastic per-group quantisation of a 1-D float tensor: (packed uint8 codes, bf16 [groups, 2] meta).
+
+    ``code = floor((x - min) / step + u)`` with ``u ~ U[0, 1)`` is ``x`` in expectation (unbiased).
+    """
+    x, low, step = _grid(flat, bits, group_size)
+    scaled = _scaled(x, low, step)
+    scaled.add_(torch.rand(scaled.shape, generator=generator, device=scaled.device, dtype=scaled.dtype))
+    codes = scaled.floor_().clamp_(0, 2**bits - 1).to(torch.uint8)
+    return pack_bits(codes.view(-1), bits), torch.stack([low, step], dim=1).to(torch.bfloat16)
+
+
+def rounding_variance(flat: Tensor, bits: int, group_size: int) -> float:
+    """The variance stochastic rounding at ``bits`` adds, summed over values: ``step**2 * f * (1 - f)``."""
+    x, low, step = _grid(flat, bits, group_size)
+    fraction = _scaled(x, low, step).frac_()
+    per_value = fraction * (1 - fraction) * step[:, None].square()
+    return float(per_value.view(-1)[: flat.numel()].sum())
+
+
+def dequantize(packed: Tensor, meta: Tensor, bits: int, group_size: int, n: int, dtype: torch.dtype) -> Tensor:
+    groups = meta.shape[0]
+    codes = unpack_bits(packed, bits, groups * group_size).view(groups, group_size)
+    low, step = meta.float().unbind(1)
+    return torch.addcmul(low[:, None], codes.float(), step[:, None]).view(-1)[:n].to(dtype)
+
+
+def _triton():
+    """The Triton kernels (used for CUDA tensors only), or None where Triton is not installed."""
+    try:
+        from lowmem_train.strategies import _compress_triton
+    except ImportError:
+        return None
+    return _compress_triton
+
+
+# ---------------------------------------------------------------- memory layout
+
+
+def memory_perm(x: Tensor) -> tuple[int, ...] | None:
+    """The dims of ``x`` from largest to smallest stride (its memory order); None when contiguous.
+
+    Dense tensors (contiguous, channels-last, transposed) permuted this way flatten without a copy, so
+    the flat data is the tensor's own memory; tensors with gaps are copied. ``restore`` undoes it with
+    the same strides.
+    """
+    if x.is_contiguous():
+        return None
+    return tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
+def memory_order(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """``x`` flattened in memory order, and the permutation that ``restore`` needs."""
+    perm = memory_perm(x)
+    return (x if perm is None else x.permute(perm)).reshape(-1), perm
+
+
+def restore(flat: Tensor, shape: torch.Size, perm: tuple[int, ...] | None) -> Tensor:
+    if perm is None:
+        return flat.view(shape)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return flat.view([shape[d] for d in perm]).permute(inverse)
+
+
+def is_dense(x: Tensor, perm: tuple[int, ...] | None) -> bool:
+    """Whether ``x`` covers its memory without gaps (some permutation of it is contiguous)."""
+    return perm is None or x.permute(perm).is_contiguous()
+
+
+def _key(x: Tensor, perm: tuple[int, ...] | None):
+    """Identifies a saved tensor's data: equal for dense views of the same memory whatever their shape."""
+    extent = x.numel() if is_dense(x, perm) else (tuple(x.shape), x.stride())
+    return (x.device, x.data_ptr(), extent, x.dtype, x._version)
+
+
+# ---------------------------------------------------------------- module kinds
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the stage knows about the module running while a tensor is saved."""
+
+    name: str
+    family: str  # the name with block indices wildcarded: what repeated blocks have in common
+    kind: str
+    compress: bool  # kind selected by `layers` and not under an excluded module
+
+
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+
+
+def module_kind(module: nn.Module) -> str:
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, (nn.Linear, nn.Bilinear)) or name == "Conv1D":  # HF GPT-2 style linear
+        return "linear"
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or \
+            name.endswith("Norm"):
+        return "norm"
+    if isinstance(module, nn.MultiheadAttention) or "Attention" in name:
+        return "attention"
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return "dropout"
+    if isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
+        return "pool"
+    if type(module).__module__ in _ACTIVATION_MODULES:
+        return "activation"
+    return "other"
+
+
+def module_scopes(model: nn.Module, layers: list[str], exclude: list[str]) -> dict[str, Scope]:
+    """The scope of every module; an excluded module's whole subtree stays exact.
+
+    The family of a module inside a repeated block names the block by its parent plus ``*``
+    (``model.layers.*.mlp.down_proj``), so the adaptive mode calibrates one class per position in the
+    block rather than per layer.
+    """
+    blocks = {name: name.rpartition(".")[0] + (".*" if "." in name else "*") for name, _ in repeated_blocks(model)}
+    excluded: list[str] = []
+    scopes = {}
+    for name, module in model.named_modules():
+        kind = module_kind(module)
+        if not name and kind == "other":  # the root's own code: loss, glue
+            kind = "top"
+        if name and (any(name.startswith(e + ".") for e in excluded) or any(matches(p, name, module) for p in exclude)):
+            excluded.append(name)
+        family = name
+        for block, wildcard in blocks.items():
+            if name == block or name.startswith(block + "."):
+                family = wildcard + name[len(block):]
+                break
+        scopes[name] = Scope(name, f"{family}:{type(module).__name__}", kind, kind in layers and name not in excluded)
+    return scopes
+
+
+_TOP = Scope("", "", "top", True)
+_EXACT = "exact"  # cache entry of a tensor kept as it is
+
+
+@dataclass
+class _Probe:
+    """A calibration pass: which slot class is rounded at which bits (all others at 8), and what the
+    reference pass (``probed`` None: everything at 8 bits) measured of each class's values."""
+
+    probed: tuple | None
+    probe_bits: int = 0
+    values: Counter = field(default_factory=Counter)  # class -> quantised values per forward
+    noise: dict = field(default_factory=dict)  # class -> {bits: summed rounding variance}
+
+
+class CompressStage:
+    """Pack: encode a saved float tensor (quantised / bitmap / positions). Unpack: decode it.
+
+    Per forward it remembers what it encoded (key: storage address, extent, dtype and version, checked
+    against a weak reference to the storage), so a tensor saved by several ops is stored once, and which
+    tensors are zero outside a ReLU/dropout mask, so their encoding reuses that mask.
+
+    A *slot* is the i-th tensor a module saves in a forward; a slot *class* is a slot with the indices
+    of repeated blocks wildcarded (``model.layers.*.mlp.down_proj`` #0). The adaptive mode gives each
+    class its own bits (``class_bits``), set by ``calibrate``.
+    """
+
+    def __init__(self, options: CompressOptions):
+        self.options = options
+        self.bits = options.bits
+        self.group_size = options.group_size
+        self.class_bits: dict[tuple[str, int], int] = {}
+        self._scopes: list[Scope] = []
+        self._encoded: dict = {}
+        self._zero_outside: dict = {}
+        self._buffers: set[int] = set()
+        self._slot_counts: Counter = Counter()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._probe: _Probe | None = None
+        self._in_forward = False  # not during a checkpoint's recomputation in backward
+
+    # --- forward bracketing, called from module hooks
+
+    def begin_forward(self, model: nn.Module, args) -> None:
+        self._clear()
+        self._buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self._in_forward = True
+
+    def end_forward(self, model: nn.Module, args, output) -> None:
+        self._clear()
+        self._in_forward = False
+
+    def _clear(self) -> None:
+        self._encoded.clear()
+        self._zero_outside.clear()
+        self._slot_counts.clear()
+
+    def enter(self, scope: Scope, module: nn.Module, args) -> None:
+        self._scopes.append(scope)
+
+    def exit(self, scope: Scope, module: nn.Module, args, output) -> None:
+        self._scopes.pop()
+
+    def note_zero_outside(self, tensor: Tensor, packed_mask: Tensor) -> None:
+        """``tensor`` is zero wherever the (memory-order) mask is 0: its encoding may reuse the mask."""
+        if self._in_forward:
+            key = _key(tensor, memory_perm(tensor))
+            self._zero_outside[key] = (StorageWeakRef(tensor.untyped_storage()), packed_mask)
+
+    # --- pack / unpack
+
+    def pack(self, value):
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.layout != torch.strided \
+                or value.numel() < self.options.min_numel:
+            return value
+        if value.untyped_storage().data_ptr() in self._buffers:
+            return value
+        if any(stride == 0 and size > 1 for stride, size in zip(value.stride(), value.shape)):
+            return value  # broadcast: a quantised copy would be bigger than the tensor's storage
+        scope = self._scopes[-1] if self._scopes else _TOP
+        perm = memory_perm(value)
+        key = _key(value, perm)
+        payload = self._lookup(self._encoded, key)
+        index = self._slot_counts[scope.name]
+        self._slot_counts[scope.name] += 1
+        slot_class = (scope.family, index)
+        if not scope.compress:  # kept as it is, and so are later saves of the same tensor
+            if payload is None:
+                self._encoded[key] = (StorageWeakRef(value.untyped_storage()), _EXACT)
+            return value
+        if payload is None:
+            flat = (value if perm is None else value.permute(perm)).reshape(-1)
+            payload = self._encode(flat, key, (scope.name, index), slot_class)
+            self._encoded[key] = (StorageWeakRef(value.untyped_storage()), payload)
+        return value if payload is _EXACT else (value.shape, perm, value.dtype, payload)
+
+    def unpack(self, value):
+        if isinstance(value, Tensor):
+            return value
+        shape, perm, dtype, payload = value
+        return restore(self._decode(payload, dtype), shape, perm)
+
+    # --- encodings
+
+    def _encode(self, flat: Tensor, key, slot, slot_class):
+        if self._probe is None:
+            bits = self.class_bits.get(slot_class, self.bits)
+        else:
+            bits = self._probe.probe_bits if self._probe.probed == slot_class else ADAPTIVE_BITS[-1]
+        n = flat.numel()
+        mask = self._lookup(self._zero_outside, key)
+        if mask is not None:
+            values = flat[unpack_mask(mask, n)]
+            return ("bitmap", n, mask, self._quantize(values, bits, slot, slot_class))
+        nonzero = int(torch.count_nonzero(flat))
+        dense, sparse_values = self._bytes(n, bits), self._bytes(nonzero, bits)
+        bitmap = -(-n // 8) + sparse_values
+        index = (4 if n < 2**31 else 8) * nonzero + sparse_values
+        if min(bitmap, index) >= dense:
+            return ("dense", self._quantize(flat, bits, slot, slot_class))
+        if bitmap <= index:
+            nonzero_mask = flat != 0
+            return ("bitmap", n, pack_mask(nonzero_mask), self._quantize(flat[nonzero_mask], bits, slot, slot_class))
+        positions = torch.nonzero(flat).view(-1)
+        positions = positions.to(torch.int32) if n < 2**31 else positions
+        return ("index", n, positions, self._quantize(flat[positions], bits, slot, slot_class))
+
+    def _bytes(self, n: int, bits: int) -> int:
+        groups = -(-n // self.group_size)
+        return groups * (self.group_size * bits // 8 + META_BYTES)
+
+    def _quantize(self, flat: Tensor, bits: int, slot, slot_class):
+        n = flat.numel()
+        if n == 0:
+            return (bits, 0, flat.new_empty(0, dtype=torch.uint8), flat.new_empty((0, 2), dtype=torch.bfloat16))
+        if self._probe is not None and self._probe.probed is None:  # the reference pass
+            self._probe.values[slot_class] += n
+            noise = self._probe.noise.setdefault(slot_class, Counter())
+            for b in ADAPTIVE_BITS:
+                noise[b] += rounding_variance(flat, b, self.group_size)
+        kernels = _triton() if flat.is_cuda and n < 2**31 else None
+        if kernels is not None:
+            seed = int(torch.randint(2**31 - 1, (), generator=self._generator(torch.device("cpu"), slot)))
+            packed, meta = kernels.quantize(flat, bits, self.group_size, seed)
+        else:
+            packed, meta = quantize(flat, bits, self.group_size, self._generator(flat.device, slot))
+        return (bits, n, packed, meta)
+
+    def _decode(self, payload, dtype: torch.dtype) -> Tensor:
+        if payload[0] == "dense":
+            return self._dequantize(payload[1], dtype)
+        _, n, where, quantized = payload
+        values = self._dequantize(quantized, dtype)
+        out = values.new_zeros(n)
+        if payload[0] == "bitmap":
+            return out.masked_scatter_(unpack_mask(where, n), values)
+        return out.index_copy_(0, where.long(), values)
+
+    def _dequantize(self, quantized, dtype: torch.dtype) -> Tensor:
+        bits, n, packed, meta = quantized
+        kernels = _triton() if packed.is_cuda and n else None
+        if kernels is not None:
+            return kernels.dequantize(packed, meta, bits, self.group_size, n, dtype)
+        return dequantize(packed, meta, bits, self.group_size, n, dtype)
+
+    # --- helpers
+
+    def _generator(self, device: torch.device, slot) -> torch.Generator:
+        """The strategy's own random stream. In calibration each slot draws from its own seed, so a pass
+        that probes one class rounds every other tensor exactly as the reference pass did."""
+        if self._probe is not None:
+            return torch.Generator(device).manual_seed(zlib.crc32(repr(slot).encode()) + self.options.seed)
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device).manual_seed(self.options.seed)
+            self._generators[device] = generator
+        return generator
+
+    @staticmethod
+    def _lookup(table: dict, key):
+        entry = table.get(key)
+        if entry is None or entry[0].expired():
+            return None
+        return entry[1]
+
+    # --- adaptive mode
+
+    def calibrate(self, parameters: list[nn.Parameter], loss_fn) -> dict[tuple[str, int], int]:
+        """Measure each slot class's sensitivity and give it bits in {1, 2, 4, 8}, averaging ``bits``.
+
+        One reference pass keeps everything at 8 bits; then one pass per class rounds that class at
+        ``bits`` (4 when ``bits`` is 8) and every other tensor exactly as the reference did (per-slot
+        seeds), so the squared difference of the two gradients is the variance the class adds (GACT's
+        sensitivity), nearly free of cross terms with the other classes' rounding. 1 bit is measured the
+        same way (its error grows faster than its rounding variance: second-order terms in norms); 2 to 8
+        bits scale the other measurement by the rounding variance of the class's own values at each width.
+        Calibration passes hold 8-bit activations: a quarter of plain backprop's activation memory.
+        """
+        def gradient(probed, bits=0):
+            self._probe = _Probe(probed, bits)
+            try:
+                loss = loss_fn()
+                grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+            finally:
+                probe, self._probe = self._probe, None
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for g, p in zip(grads, parameters)])
+            return flat, probe
+
+        reference, probe = gradient(None)
+        measured = min(self.bits, 4)  # the reference holds 8 bits: probe below it
+        variance = {}
+        for cls, noise in probe.noise.items():
+            at_bits, at_one = (float((gradient(cls, b)[0] - reference).square().sum()) for b in (measured, 1))
+            variance[cls] = {b: at_bits * noise[b] / noise[measured] if noise[measured] else 0.0
+                             for b in ADAPTIVE_BITS}
+            variance[cls][1] = at_one
+        self.class_bits = allocate_bits(variance, dict(probe.values), self.bits)
+        return self.class_bits
+
+
+def allocate_bits(variance: dict, values: dict, bits: int, resolution: int = 4096) -> dict:
+    """Bits per class in {1, 2, 4, 8} minimising the summed gradient variance ``variance[cls][b]`` with
+    ``sum(n * b) <= bits * sum(n)``: a knapsack, solved by dynamic programming over the budget cut
+    into ``resolution`` units (costs rounded up; the uniform choice always fits, so it is never worse)."""
+    classes = [cls for cls in values if values[cls] > 0]
+    if not classes:
+        return {}
+    unit = bits * sum(values[cls] for cls in classes) / resolution
+    costs = [[math.ceil(values[cls] * b / unit) for b in ADAPTIVE_BITS] for cls in classes]
+    budget = sum(cost[ADAPTIVE_BITS.index(bits)] for cost in costs)
+    best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for cls, cost in zip(classes, costs):
+        options = torch.full((len(ADAPTIVE_BITS), budget + 1), math.inf, dtype=torch.float64)
+        for i, b in enumerate(ADAPTIVE_BITS):
+            if cost[i] <= budget:
+                options[i, cost[i]:] = best[: budget + 1 - cost[i]] + variance[cls][b]
+        best, pick = options.min(dim=0)
+        picks.append(pick)
+    used = int(best.argmin())
+    choice = {}
+    for cls, cost, pick in zip(reversed(classes), reversed(costs), reversed(picks)):
+        i = int(pick[used])
+        choice[cls] = ADAPTIVE_BITS[i]
+        used -= cost[i]
+    return choice
+
+
+# ---------------------------------------------------------------- exact compact encodings of single ops
+
+
+class _ReLUMask(torch.autograd.Function):
+    """ReLU that keeps a 1-bit mask (in the output's memory order) instead of its output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inplace: bool):
+        out = x.relu_() if inplace else x.relu()
+        if inplace:
+            ctx.mark_dirty(x)
+        flat, perm = memory_order(out)
+        mask = pack_mask(flat > 0)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        ctx.layout = (out.shape, perm)
+        return out, mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        (mask,) = ctx.saved_tensors
+        shape, perm = ctx.layout
+        return grad * restore(unpack_mask(mask, shape.numel()), shape, perm), None
+
+
+class _DropoutMask(torch.autograd.Function):
+    """Dropout that keeps its 1-bit mask. ``native_dropout`` draws the very mask ``F.dropout`` would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float):
+        out, keep = torch.native_dropout(x, p, True)
+        flat, perm = memory_order(keep)
+        mask = pack_mask(flat)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        ctx.layout, ctx.scale = (keep.shape, perm), 1 / (1 - p)
+        return out, mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        (mask,) = ctx.saved_tensors
+        shape, perm = ctx.layout
+        return grad * restore(unpack_mask(mask, shape.numel()), shape, perm) * ctx.scale, None
+
+
+class _MaxPoolWindow(torch.autograd.Function):
+    """Max pooling that keeps, per output, the offset of the maximum inside its window (one byte when the
+    window has at most 256 values) instead of the input and int64 indices."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: int, kernel, stride, padding, dilation, ceil_mode: bool):
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+        out, indices = pool(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+        in_size, out_size = x.shape[-dims:], out.shape[-dims:]
+        coords = _unravel(indices, in_size)
+        offset = torch.zeros_like(indices)
+        for d in range(dims):
+            start = _positions(out_size, d, indices.device) * stride[d] - padding[d]
+            offset = offset * kernel[d] + (coords[d] - start) // dilation[d]
+        window = offset.to(torch.uint8 if math.prod(kernel) <= 256 else torch.int32)
+        ctx.save_for_backward(window)
+        ctx.geometry = (x.shape, dims, kernel, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (window,) = ctx.saved_tensors
+        shape, dims, kernel, stride, padding, dilation = ctx.geometry
+        in_size, out_size = shape[-dims:], grad.shape[-dims:]
+        offset, flat_index = window.long(), 0
+        for d in reversed(range(dims)):
+            k = offset % kernel[d]
+            offset = offset // kernel[d]
+            coord = _positions(out_size, d, grad.device) * stride[d] - padding[d] + k * dilation[d]
+            flat_index = flat_index + coord * math.prod(in_size[d + 1:])
+        planes = math.prod(shape[:-dims])
+        grad_in = grad.new_zeros(planes, math.prod(in_size))
+        grad_in.scatter_add_(1, flat_index.reshape(planes, -1), grad.reshape(planes, -1))
+        return grad_in.view(shape), None, None, None, None, None, None
+
+
+def _unravel(flat_index: Tensor, size) -> list[Tensor]:
+    coords, rest = [], flat_index
+    for extent in reversed(size):
+        coords.append(rest % extent)
+        rest = rest // extent
+    return coords[::-1]
+
+
+def _positions(out_size, d: int, device) -> Tensor:
+    """Output coordinate along spatial dim ``d``, shaped to broadcast over the output's spatial dims."""
+    view = [1] * len(out_size)
+    view[d] = out_size[d]
+    return torch.arange(out_size[d], device=device).view(view)
+
+
+class _ShapeOnly(torch.autograd.Function):
+    """A linear op (average pooling) whose backward needs only the input's shape: keeps nothing.
+
+    Backward is the op's vector-Jacobian product at a zero input, computed by autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn):
+        ctx.fn, ctx.like = fn, (x.shape, x.stride() if is_dense(x, memory_perm(x)) else None, x.dtype, x.device)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shape, stride, dtype, device = ctx.like
+        zero = torch.zeros(shape, dtype=dtype, device=device) if stride is None else \
+            torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+        zero.requires_grad_(True)
+        with torch.enable_grad():
+            (grad_in,) = torch.autograd.grad(ctx.fn(zero), zero, grad)
+        return grad_in, None
+
+
+def _needs_grad(x) -> bool:
+    return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()
+
+
+def _relu_forward(module: nn.ReLU, stage: CompressStage, x):
+    if not _needs_grad(x):
+        return module._lowmem_plain_forward(x)
+    out, mask = _ReLUMask.apply(x, module.inplace)
+    stage.note_zero_outside(out, mask)
+    return out
+
+
+def _dropout_forward(module: nn.Dropout, stage: CompressStage, x):
+    if not (_needs_grad(x) and module.training and 0 < module.p < 1):
+        return module._lowmem_plain_forward(x)
+    out, mask = _DropoutMask.apply(x, module.p)
+    stage.note_zero_outside(out, mask)
+    return out
+
+
+_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+
+
+def _max_pool_forward(module: nn.Module, stage: CompressStage, x):
+    dims = next(d for cls, d in _MAX_POOLS.items() if isinstance(module, cls))
+    if not _needs_grad(x) or x.dim() < dims + 1:
+        return module._lowmem_plain_forward(x)
+    expand = nn.modules.utils._ntuple(dims)
+    stride = module.stride if module.stride is not None else module.kernel_size
+    return _MaxPoolWindow.apply(x, dims, expand(module.kernel_size), expand(stride), expand(module.padding),
+                                expand(module.dilation), module.ceil_mode)
+
+
+def _avg_pool_forward(module: nn.Module, stage: CompressStage, x):
+    if not _needs_grad(x):
+        return module._lowmem_plain_forward(x)
+    return _ShapeOnly.apply(x, module._lowmem_plain_forward)
+
+
+def _special_forward(module: nn.Module):
+    """The compact-encoding forward for this module, or None (its saves go through the stage)."""
+    pooling = nn.modules.pooling
+    if type(module) is nn.ReLU:
+        return _relu_forward
+    if type(module) is nn.Dropout:
+        return _dropout_forward
+    if isinstance(module, tuple(_MAX_POOLS)) and not module.return_indices:
+        return _max_pool_forward
+    if isinstance(module, (pooling._AvgPoolNd, pooling._AdaptiveAvgPoolNd)):
+        return _avg_pool_forward
+    return None
+
+
+_SPECIAL_ACTIONS = {
+    _relu_forward: "1-bit mask instead of the output",
+    _dropout_forward: "1-bit mask",
+    _max_pool_forward: "window offsets (1 byte) instead of input + int64 indices",
+    _avg_pool_forward: "input shape only",
+}
+
+
+# ---------------------------------------------------------------- the plugin
+
+
+class Compress(Strategy):
+    exact = False
+    order = 40  # swaps forwards of ReLU/dropout/pooling: before wrappers such as checkpointing (90)
+    Options = CompressOptions
+    summary = ("keeps saved activations as 2/4/8-bit stochastic per-group codes and 1-bit masks "
+               "(~12-15x less at 2 bits); gradients approximate, unbiased")
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.stage = CompressStage(self.options)
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        scopes = module_scopes(model, self.options.layers, self.options.exclude)
+        touches = []
+        for name, module in model.named_modules():
+            if not scopes[name].compress:
+                continue
+            special = _special_forward(module)
+            action = _SPECIAL_ACTIONS[special] if special else f"saved tensors as {self.options.bits}-bit codes"
+            if scopes[name].kind in ("other", "top"):
+                action = f"its own ops' saved tensors as {self.options.bits}-bit codes"
+            touches.append(Touch(name, type(module).__name__, action))
+        if not touches:
+            present = sorted({scope.kind for scope in scopes.values()})
+            raise StrategyError(
+                f"strategy '{self.name}': no module of {type(model).__name__} has a kind in layers="
+                f"{self.options.layers}" + (f" outside exclude={self.options.exclude}" if self.options.exclude else "")
+                + f"; kinds present: {present}"
+            )
+        return touches
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        stage = self.stage
+        scopes = module_scopes(model, self.options.layers, self.options.exclude)
+        model.register_forward_pre_hook(stage.begin_forward)
+        model.register_forward_hook(stage.end_forward, always_call=True)
+        for name, module in model.named_modules():
+            scope = scopes[name]
+            module.register_forward_pre_hook(functools.partial(stage.enter, scope))
+            module.register_forward_hook(functools.partial(stage.exit, scope), always_call=True)
+            special = _special_forward(module) if scope.compress else None
+            if special is not None and "_lowmem_plain_forward" not in module.__dict__:
+                module._lowmem_plain_forward = module.forward
+                module.forward = functools.partial(special, module, stage)
+
+    def saved_tensor_stage(self) -> CompressStage:
+        return self.stage
+
+    def callbacks(self) -> list:
+        return [_recalibrate_callback(self.options.adapt_every)] if self.options.adaptive else []
+
+
+def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
+    """Adaptive mode: allocate bits per slot class from the batch that ``loss_fn()`` computes the loss of.
+
+    ``model`` is the compressed model or a module containing it (a LightningModule). Plain training
+    loops call this every few thousand steps; the Lightning callback does it every ``adapt_every``
+    steps. Buffers (batch-norm statistics), ``.grad`` and the model's random stream are left unchanged.
+    Returns the bits chosen per (module family, slot index).
+    """
+    stages = [stage for module in model.modules() for stage in getattr(module, "_lowmem_saved_tensor_stages", [])
+              if isinstance(stage, CompressStage)]
+    if not stages:
+        raise StrategyError("calibrate: strategy 'compress' is not applied to this model")
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    cuda = sorted({p.device.index for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+
+        def same_randomness_loss():  # every pass draws the same dropout masks
+            torch.set_rng_state(cpu_state)
+            for device, state in zip(cuda, cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            return loss_fn()
+
+        try:
+            return stages[0].calibrate([p for p in model.parameters() if p.requires_grad], same_randomness_loss)
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+
+def _recalibrate_callback(every: int):
+    """A Lightning callback that calibrates on the current batch every ``every`` optimizer steps."""
+    from lightning.pytorch import Callback
+
+    class Recalibrate(Callback):
+        def __init__(self):
+            self.last_step = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            if step % every or step == self.last_step:
+                return
+            self.last_step = step
+
+            def loss_fn():
+                out = pl_module.training_step(batch, batch_idx)
+                return out["loss"] if isinstance(out, dict) else out
+
+            pl_module.log = pl_module.log_dict = _no_log  # calibration passes are not training steps
+            try:
+                calibrate(pl_module, loss_fn)
+            finally:
+                del pl_module.log, pl_module.log_dict
+
+    return Recalibrate()
+
+
+def _no_log(*args, **kwargs) -> None:
+    return None
+
