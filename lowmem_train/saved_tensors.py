@@ -29,7 +29,7 @@ class SavedTensorStage(Protocol):
 _ACTIVE_METERS: ContextVar[tuple[SavedBytesMeter, ...]] = ContextVar("lowmem_active_meters", default=())
 
 
-def parameter_storages(model: nn.Module | None) -> set[int]:
+def model_state_storages(model: nn.Module | None) -> set[int]:
     """Storages of the model's state (parameters and buffers, e.g. batch-norm running statistics): saved
     for backward by some ops, but model state, not activations, so never counted or transformed."""
     if model is None:
@@ -50,7 +50,7 @@ def iter_tensors(value: Any):
 
 
 class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
-    """Runs ``stages`` on every non-parameter tensor saved while active and reports to active meters.
+    """Runs ``stages`` on every tensor saved while active (not parameters or buffers) and reports to meters.
 
     ``stages`` is read at each forward, so strategies applied later join the same pipeline.
     """
@@ -58,12 +58,12 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, stages: list[SavedTensorStage], model: nn.Module | None = None):
         self.stages = stages
         self.model = model
-        self._param_storages: set[int] = set()
+        self._state_storages: set[int] = set()
         self._packed: dict[tuple, tuple] = {}
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
-        self._param_storages = parameter_storages(self.model)
+        self._state_storages = model_state_storages(self.model)
         self._packed = {}
         return super().__enter__()
 
@@ -73,7 +73,7 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor: torch.Tensor):
         saved: tuple = ((), tensor)
-        if self.stages and tensor.untyped_storage().data_ptr() not in self._param_storages:
+        if self.stages and tensor.untyped_storage().data_ptr() not in self._state_storages:
             # A tensor saved by several ops (an activation's output and the next layer's input) is packed
             # once and the packed value shared, so it is stored once, as it would be without stages.
             # The weak reference tells a live storage from a freed one whose address was reused since.
@@ -132,7 +132,7 @@ class SavedBytesMeter:
 
     def __enter__(self) -> SavedBytesMeter:
         self.bytes, self.tensors, self._seen = 0, 0, set()
-        self._exclude = parameter_storages(self.model)
+        self._exclude = model_state_storages(self.model)
         self._token = _ACTIVE_METERS.set(_ACTIVE_METERS.get() + (self,))
         if self._pipeline is not None:
             self._pipeline.__enter__()

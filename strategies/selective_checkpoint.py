@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
 from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics
-from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, parameter_storages
+from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, model_state_storages
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _selective_forward(self: nn.Module, *args, **kwargs):
     planner = self._lowmem_sac_planner
     decision = planner.decisions.get(self._lowmem_sac_name)
     if decision is None and planner.census is not None and self._lowmem_sac_name not in planner.profiles:
-        planner.profiles[self._lowmem_sac_name] = _profile(self, args, kwargs, parameter_storages(self))
+        planner.profiles[self._lowmem_sac_name] = _profile(self, args, kwargs, model_state_storages(self))
     stored = decision.stored_keys if decision else frozenset()  # undecided: full checkpointing
     options = {"context_fn": partial(_contexts, stored), "respect_saved_tensors_hooks": True}
     return checkpointed_call(self, self._lowmem_inner_forward, *args, recompute_guard=_frozen_norms_outside_sac,
