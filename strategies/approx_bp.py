@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train.bitpack import pack_bits, unpack_bits
 from lowmem_train.saved_tensors import iter_tensors
 from lowmem_train.targets import matches
 
@@ -65,7 +66,6 @@ RESILU2 = StepDerivative(
     (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
 )
 
-_SHIFTS = (0, 2, 4, 6)  # four 2-bit codes per byte, the first element in the low bits
 
 
 @functools.cache
@@ -89,22 +89,10 @@ def step_codes(x: torch.Tensor, thresholds: tuple[float, ...]) -> torch.Tensor:
     return (xf > c0).to(torch.uint8) + (xf > c1) + (xf > c2)
 
 
-def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """Pack a flat uint8 tensor of codes 0..3 four per byte, the first in the low bits (zero-padded)."""
-    codes = nn.functional.pad(codes, (0, -codes.numel() % 4)).view(-1, 4)
-    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-
-
-def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` codes of ``pack_2bit``'s output, as a flat uint8 tensor."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:numel]
-
-
 @functools.cache
 def _slopes_by_byte(step: StepDerivative, device: torch.device) -> torch.Tensor:
     """(256, 4) fp32: the derivative of each of the four elements packed in each possible byte."""
-    codes = unpack_2bit(torch.arange(256, dtype=torch.uint8, device=device), 1024).view(256, 4)
+    codes = unpack_bits(torch.arange(256, dtype=torch.uint8, device=device), 2, 1024).view(256, 4)
     return torch.tensor(step.levels, dtype=torch.float32, device=device)[codes.int()]
 
 
@@ -113,7 +101,7 @@ def pack_step_codes(x: torch.Tensor, step: StepDerivative) -> torch.Tensor:
     kernels = _kernels_for(x)
     if kernels is not None:
         return kernels.pack_step_codes(x.contiguous().view(-1), step.thresholds)
-    return pack_2bit(step_codes(x, step.thresholds))
+    return pack_bits(step_codes(x, step.thresholds), 2)
 
 
 def step_backward(grad: torch.Tensor, packed: torch.Tensor, step: StepDerivative) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
+from lowmem_train.bitpack import pack_bits, pack_mask, unpack_bits, unpack_mask
 from lowmem_train.targets import matches
 
 BITS = (2, 4, 8)
@@ -71,41 +72,7 @@ class CompressOptions:
             raise StrategyError(f"strategy '{strategy}': option 'adapt_every' must be >= 1, got {self.adapt_every}")
 
 
-# ---------------------------------------------------------------- bit packing and quantisation (reference)
-
-
-def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes below 2**bits, numel a multiple of 8 // bits, packed little-end first into bytes."""
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return codes
-    codes = codes.view(-1, per_byte)
-    packed = codes[:, 0].clone()
-    for j in range(1, per_byte):
-        packed |= codes[:, j] << (bits * j)
-    return packed
-
-
-def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    """The first ``n`` codes of ``pack_bits`` output, as uint8."""
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return packed[:n]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed[:, None] >> shifts) & (2**bits - 1)).view(-1)[:n]
-
-
-def pack_mask(mask: Tensor) -> Tensor:
-    """A flat bool tensor as one bit per value (padded to whole bytes)."""
-    pad = -mask.numel() % 8
-    codes = mask.to(torch.uint8)
-    if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad)])
-    return pack_bits(codes, 1)
-
-
-def unpack_mask(packed: Tensor, n: int) -> Tensor:
-    return unpack_bits(packed, 1, n).bool()
+# ---------------------------------------------------------------- quantisation (reference)
 
 
 def round_to_bf16(x: Tensor, up: bool) -> Tensor:

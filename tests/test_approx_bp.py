@@ -18,7 +18,7 @@ from transformers import (
 
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
 from lowmem_train.strategies.approx_bp import (
-    REGELU2, RESILU2, ApproxActivation, MSNorm, pack_2bit, step_codes, unpack_2bit,
+    REGELU2, RESILU2, ApproxActivation, MSNorm, step_codes,
 )
 from tiny_models import tiny_cnn, tiny_llama_config, tiny_transformer, transformer_batch
 
@@ -94,17 +94,6 @@ def plan_of(model, **options):
 
 
 # ------------------------------------------------------------------------------------------------ codes
-
-
-def test_pack_unpack_round_trip():
-    generator = torch.Generator().manual_seed(0)
-    for numel in (0, 1, 3, 4, 5, 1001):
-        codes = torch.randint(0, 4, (numel,), generator=generator, dtype=torch.uint8)
-        packed = pack_2bit(codes)
-        assert packed.dtype == torch.uint8 and packed.numel() == (numel + 3) // 4
-        assert torch.equal(unpack_2bit(packed, numel), codes)
-    # first element in the low bits: 1 | 2 << 2 | 3 << 4 | 0 << 6
-    assert pack_2bit(torch.tensor([1, 2, 3, 0], dtype=torch.uint8)).tolist() == [57]
 
 
 @pytest.mark.parametrize("step", [REGELU2, RESILU2], ids=lambda s: s.name)
@@ -401,15 +390,16 @@ def test_triton_kernels_match_reference_in_interpreter():
     script = textwrap.dedent("""
         import torch
         from lowmem_train.strategies import _approx_bp_triton as kernels
-        from lowmem_train.strategies.approx_bp import (REGELU2, RESILU2, norm_backward, norm_forward, pack_2bit,
-                                                       step_backward, step_codes)
+        from lowmem_train.bitpack import pack_bits
+        from lowmem_train.strategies.approx_bp import (REGELU2, RESILU2, norm_backward, norm_forward, step_backward,
+                                                       step_codes)
         generator = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for numel in (1, 7, 2051):
                 x = (torch.randn(numel, generator=generator) * 4).to(dtype)
                 grad = torch.randn(numel, generator=generator).to(dtype)
                 for step in (REGELU2, RESILU2):
-                    packed = pack_2bit(step_codes(x, step.thresholds))
+                    packed = pack_bits(step_codes(x, step.thresholds), 2)
                     assert torch.equal(kernels.pack_step_codes(x, step.thresholds), packed), (dtype, numel)
                     torch.testing.assert_close(kernels.step_backward(grad, packed, step.levels),
                                                step_backward(grad, packed, step))

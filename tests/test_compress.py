@@ -51,17 +51,6 @@ def saved_bytes(model, run):
 # ---------------------------------------------------------------- quantisation and packing
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("n", [8, 24, 1000])
-def test_pack_bits_round_trip(bits, n):
-    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8)
-    packed = C.pack_bits(codes, bits)
-    assert packed.numel() == n * bits // 8
-    assert torch.equal(C.unpack_bits(packed, bits, n), codes)
-    mask = torch.rand(n + 3) > 0.5  # not a multiple of 8
-    assert torch.equal(C.unpack_mask(C.pack_mask(mask), n + 3), mask)
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n", [1, 7, 255, 257, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
