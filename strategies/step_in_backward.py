@@ -33,8 +33,8 @@ class StepInBackwardOptimizer(torch.optim.Optimizer):
         super().__init__(params, {})
         # The inner optimizers' groups themselves, so an LR scheduler on this optimizer reaches them.
         self.param_groups = [group for optimizer in self.inner for group in optimizer.param_groups]
-        self._hooks = [p.register_post_accumulate_grad_hook(self._step_parameter(optimizer))
-                       for p, optimizer in zip(params, self.inner)]
+        for param, optimizer in zip(params, self.inner):
+            param.register_post_accumulate_grad_hook(self._step_parameter(optimizer))
 
     @staticmethod
     def _step_parameter(optimizer: torch.optim.Optimizer):
@@ -64,10 +64,6 @@ class StepInBackwardOptimizer(torch.optim.Optimizer):
                                 "step_in_backward run of this model; resume with the same strategies")
         for optimizer, state in zip(self.inner, saved):
             optimizer.load_state_dict(state)
-
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
 
 
 class RefuseAccumulation(L.Callback):
