@@ -15,7 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .saved_tensors import iter_tensors, storages
 
 GIB = 2**30
 
@@ -29,27 +30,15 @@ def tensor_bytes(tensors) -> int:
     """Bytes of distinct storages among ``tensors`` (a tensor and its views count once)."""
     seen, total = set(), 0
     for tensor in tensors:
-        for storage in _storages(tensor):
+        for storage in storages(tensor):
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
     return total
 
 
-def _storages(tensor: torch.Tensor):
-    """A tensor's storages; a wrapper subclass (torchao's quantized optimizer states) has none of its own:
-    its inner tensors (codes, scales) hold the bytes."""
-    if is_traceable_wrapper_subclass(tensor):
-        for name in tensor.__tensor_flatten__()[0]:
-            yield from _storages(getattr(tensor, name))
-    else:
-        yield tensor.untyped_storage()
-
-
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Every tensor in the optimizer's state, whatever its dtype or nesting (quantized states included)."""
-    from .saved_tensors import iter_tensors
-
     return tensor_bytes(t for state in optimizer.state.values() for t in iter_tensors(state))
 
 

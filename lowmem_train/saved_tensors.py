@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 class SavedTensorStage(Protocol):
@@ -47,6 +48,16 @@ def iter_tensors(value: Any):
     elif isinstance(value, dict):
         for item in value.values():
             yield from iter_tensors(item)
+
+
+def storages(tensor: torch.Tensor):
+    """A tensor's storages. A wrapper subclass (torchao's quantized optimizer states, for one) has none of its
+    own: its inner tensors (codes, scales) hold the bytes."""
+    if is_traceable_wrapper_subclass(tensor):
+        for name in tensor.__tensor_flatten__()[0]:
+            yield from storages(getattr(tensor, name))
+    else:
+        yield tensor.untyped_storage()
 
 
 class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
@@ -122,13 +133,13 @@ class SavedBytesMeter:
 
     def add(self, packed: Any) -> None:
         for tensor in iter_tensors(packed):
-            storage = tensor.untyped_storage()
-            key = (tensor.device, storage.data_ptr())
-            if storage.data_ptr() in self._exclude or key in self._seen:
-                continue
-            self._seen.add(key)
-            self.bytes += storage.nbytes()
-            self.tensors += 1
+            for storage in storages(tensor):
+                key = (tensor.device, storage.data_ptr())
+                if storage.data_ptr() in self._exclude or key in self._seen:
+                    continue
+                self._seen.add(key)
+                self.bytes += storage.nbytes()
+                self.tensors += 1
 
     def __enter__(self) -> SavedBytesMeter:
         self.bytes, self.tensors, self._seen = 0, 0, set()
