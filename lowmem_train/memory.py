@@ -47,6 +47,7 @@ class MemoryMonitor(L.Callback):
 
     The CUDA peak is reset at the start of every step, so ``peak_bytes`` is that step's peak. On CPU there is
     no allocator peak: ``peak_bytes`` is then the accounted sum param + grad + optimizer state + activations.
+    Under DDP every rank measures itself; only rank 0 writes the file.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -55,6 +56,8 @@ class MemoryMonitor(L.Callback):
         self._file = None
 
     def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
         self._file = open(self.csv_path, "w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._writer.writeheader()
@@ -76,7 +79,7 @@ class MemoryMonitor(L.Callback):
         output = pl_module.last_output
         row = {
             "step": trainer.global_step,
-            "loss": float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs),
+            "loss": float(output.per_sample_loss.detach().mean()),  # the whole batch's, also when a strategy selects samples
             "activation_bytes": pl_module.activation_bytes,
             "param_bytes": tensor_bytes(pl_module.parameters()),
             "grad_bytes": self._grad_bytes,
@@ -90,8 +93,9 @@ class MemoryMonitor(L.Callback):
         accounted = row["param_bytes"] + row["grad_bytes"] + row["optimizer_state_bytes"] + row["activation_bytes"]
         row["peak_bytes"] = row["cuda_allocated_peak_bytes"] if cuda else accounted
         self.rows.append(row)
-        self._writer.writerow(row)
-        self._file.flush()
+        if self._file is not None:
+            self._writer.writerow(row)
+            self._file.flush()
         pl_module.log_dict({f"memory/{k}": float(v) for k, v in row.items() if k not in ("step", "loss") and v != ""},
                            on_step=True, on_epoch=False)
 
@@ -181,6 +185,9 @@ def format_report(report: dict) -> str:
         f"  throughput           {report['samples_per_s']:.1f} samples/s" if report["samples_per_s"] else "",
         f"  final train loss     {report['final_train_loss']:.4f}",
     ]
+    for name, figures in report.get("strategy_report", {}).items():
+        lines.append(f"  {name:<20} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in figures.items() if not isinstance(v, (dict, list))))
     if report.get("validation"):
         lines.append("  validation           " + ", ".join(f"{k}={v:.4f}" for k, v in report["validation"].items()))
     lines.append(f"files in {report['run_dir']}: " + ", ".join(report["files"]))

@@ -57,6 +57,20 @@ class Recipe:
         """Metrics of one validation batch (averaged over batches by Lightning) and its size."""
         raise NotImplementedError
 
+    def subset(self, batch, keep: torch.Tensor):
+        """The samples of ``batch`` where the boolean ``keep`` is true (for strategies that select samples).
+
+        Indexes every tensor of a (nested) tuple, list or dict along its first dimension; override it for
+        batches whose tensors are not laid out sample-first.
+        """
+        if isinstance(batch, torch.Tensor):
+            return batch[keep.to(batch.device)]
+        if isinstance(batch, dict):
+            return type(batch)({key: self.subset(value, keep) for key, value in batch.items()})
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self.subset(value, keep) for value in batch)
+        return batch
+
 
 class ImageClassification(Recipe):
     """Cross-entropy on (images, labels) batches; validation accuracy and loss."""

@@ -9,7 +9,9 @@ It overrides only the hooks it needs:
 - ``configure_optimizer``: build the optimizer itself (low-memory optimizer states).
 - ``callbacks``: Lightning callbacks for loop hooks (first-batch initialisation, per-step statistics);
   a callback's ``state_dict`` is saved in Lightning checkpoints, so strategy state survives resume.
-- ``reduce_loss``: turn per-sample losses into the loss to back-propagate (per-sample backward skipping).
+- ``select_samples``: from a no-grad scoring forward of the whole batch, choose the samples to
+  back-propagate; the trainer then runs the graph-building forward and the backward on those only.
+- ``report``: figures for the run's ``memory_report.json`` (under ``strategy_report``) and final summary.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .saved_tensors import SavedTensorStage, install_pipeline
 from .validation import coerce
 
 ENTRY_POINT_GROUP = "lowmem_train.strategies"
-LOOP_HOOKS = ("configure_optimizer", "callbacks", "reduce_loss")  # what a plain PyTorch loop must call itself
+LOOP_HOOKS = ("configure_optimizer", "callbacks", "select_samples")  # what a plain PyTorch loop must call itself
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,17 @@ class Strategy:
     def callbacks(self) -> list:
         return []
 
-    def reduce_loss(self, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    def select_samples(self, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """A boolean mask over the batch of the samples to back-propagate (at least one), or None for all.
+
+        Called with the per-sample losses and logits of a no-grad forward of the whole batch; the loss the
+        trainer back-propagates is the kept samples' losses summed over the whole batch size.
+        """
         return None
+
+    def report(self) -> dict[str, Any]:
+        """Figures this strategy measured during the run (JSON values), for the run's report."""
+        return {}
 
 
 def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]):

@@ -19,47 +19,71 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, LowmemError, one_line
+from .errors import ConfigError, LowmemError, StrategyError, one_line
 from .memory import MemoryMonitor, format_report, plot_curve, summarize, write_report
 from .recipe import Recipe, StepOutput
+from .recompute import frozen_norm_statistics
 from .saved_tensors import SavedBytesMeter
 from .strategy import Strategy, apply_built, build_strategies, plan_strategies
 from .validation import coerce
 
 
 class TrainingModule(L.LightningModule):
-    """Runs a recipe's forward under a saved-bytes meter and lets strategies reduce the loss and build the
-    optimizer. ``activation_bytes`` and ``last_output`` are read by the MemoryMonitor callback."""
+    """Runs a recipe's forward under a saved-bytes meter, lets strategies choose the samples to
+    back-propagate and build the optimizer. ``activation_bytes`` and ``last_output`` are read by the
+    MemoryMonitor callback."""
 
     def __init__(self, recipe: Recipe, model: torch.nn.Module, strategies: list[Strategy], optimizer_factory):
         super().__init__()
         self.recipe = recipe
         self.model = model
         self.strategies = strategies
+        self.sample_selectors = [s for s in strategies if type(s).select_samples is not Strategy.select_samples]
         self.optimizer_factory = optimizer_factory
         self.saved_bytes = SavedBytesMeter(model)
         self.activation_bytes = 0
         self.last_output: StepOutput | None = None
 
     def training_step(self, batch, batch_idx):
+        if self.sample_selectors:
+            return self.selected_samples_step(batch)
         with self.saved_bytes:
             output = self.recipe.forward(self.model, batch)
         self.activation_bytes = self.saved_bytes.bytes
         self.last_output = output
-        loss = self.reduce_loss(output)
+        loss = output.per_sample_loss.mean()
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=output.num_samples)
         return loss
 
-    def reduce_loss(self, output: StepOutput) -> torch.Tensor:
-        for strategy in self.strategies:
-            loss = strategy.reduce_loss(output.per_sample_loss, output.logits)
-            if loss is not None:
-                return loss
-        return output.per_sample_loss.mean()
+    def selected_samples_step(self, batch):
+        """Score the whole batch without a graph, then forward and back-propagate only the chosen samples.
+
+        The scoring pass updates batch-norm running statistics from the whole batch; the training forward
+        then keeps them frozen. The scoring pass runs on a forked RNG, so it draws no dropout masks from
+        the model's stream. The loss is the kept samples' losses summed over the whole batch size: the
+        full-batch mean with the left-out samples' terms removed.
+        """
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            scored = self.recipe.forward(self.model, batch)
+        keep = torch.ones_like(scored.per_sample_loss, dtype=torch.bool)
+        for strategy in self.sample_selectors:
+            mask = strategy.select_samples(scored.per_sample_loss, scored.logits)
+            if mask is not None:
+                keep &= mask.to(keep.device)
+        if not keep.any():
+            raise StrategyError(f"strategy '{self.sample_selectors[0].name}' left no sample of a batch to back-propagate")
+        with frozen_norm_statistics(self.model), self.saved_bytes:
+            output = self.recipe.forward(self.model, self.recipe.subset(batch, keep))
+        self.activation_bytes = self.saved_bytes.bytes
+        self.last_output = scored  # throughput counts every sample the step processed
+        self.log("train/loss", scored.per_sample_loss.mean(), on_step=True, prog_bar=True,
+                 batch_size=scored.num_samples)
+        return output.per_sample_loss.sum() / scored.num_samples
 
     def validation_step(self, batch, batch_idx):
         metrics, batch_size = self.recipe.validation_step(self.model, batch)
-        self.log_dict(metrics, prog_bar=True, batch_size=batch_size)
+        self.log_dict(metrics, prog_bar=True, batch_size=batch_size, sync_dist=True)  # DDP: averaged over ranks
 
     def configure_optimizers(self):
         for strategy in self.strategies:
@@ -140,7 +164,7 @@ def format_plan(plans) -> str:
 
 
 def train(cfg: DictConfig) -> dict | None:
-    """Run one training job; returns the memory report (None for a dry run)."""
+    """Run one training job; returns the memory report (None for a dry run and on DDP ranks other than 0)."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     strategies, recipe = validate_config(cfg)
     model = recipe.build_model()
@@ -168,6 +192,8 @@ def train(cfg: DictConfig) -> dict | None:
             validation = {k: float(v) for k, v in metrics.items()}
         if not monitor.rows:
             raise ConfigError("no training step ran: check trainer.max_steps / trainer.max_epochs and the data size")
+        if not trainer.is_global_zero:
+            return None  # DDP: rank 0 writes the report
         report = {
             "strategies": [s.name for s in strategies] or ["none"],
             "recipe": recipe.name,
@@ -177,6 +203,7 @@ def train(cfg: DictConfig) -> dict | None:
             "validation_metric_value": validation.get(recipe.validation_metric),
             "validation": validation,
             "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
+            "strategy_report": {s.name: figures for s in strategies if (figures := s.report())},
             "run_dir": str(run_dir),
         }
         (run_dir / "strategies.json").write_text(json.dumps(

@@ -16,7 +16,8 @@ convolutions) whose outputs are no larger. So, on the model's first forward with
 
 Stored outputs go through the model's saved-tensor pipeline (``respect_saved_tensors_hooks``), so
 ``SavedBytesMeter`` counts them and offload/compress stages see them. Gradients equal plain backprop:
-recomputation replays RNG and does not update batch-norm statistics twice.
+recomputation replays RNG and does not update batch-norm statistics twice. The decisions are kept in
+Lightning checkpoints, so a resumed run stores what the original run stored, without profiling again.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import logging
 import time
 import types
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Optional
 
+import lightning as L
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -81,16 +83,53 @@ class SelectiveCheckpoint(Strategy):
                   "per-op choice measured on the first forward")
         return [Touch(name, type(module).__name__, action) for name, module in blocks]
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.planner = _Planner(self.options.memory_budget)
+
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if "_lowmem_sac_planner" in model.__dict__:
             return
-        planner = _Planner(self.options.memory_budget)
-        model._lowmem_sac_planner = planner
+        planner = model._lowmem_sac_planner = self.planner
         install_pipeline(model)  # the census counts what the model's pipeline stores
         model.register_forward_pre_hook(planner.start_census)
         model.register_forward_hook(planner.decide, always_call=True)
         for touch in plan:
             selective_checkpoint_module(model.get_submodule(touch.module), planner, touch.module)
+
+
+    def callbacks(self) -> list:
+        return [KeepDecisions(self.planner)]
+
+    def report(self) -> dict:
+        decisions = self.planner.decisions.values()
+        if not decisions:
+            return {}
+        return {
+            "stored_bytes": sum(d.stored_bytes for d in decisions),
+            "none_bytes": sum(d.none_bytes for d in decisions),
+            "recompute_s": sum(d.recompute_seconds for d in decisions),
+            "full_checkpoint_recompute_s": sum(d.full_recompute_seconds for d in decisions),
+            "blocks": {d.name: {"stored_bytes": d.stored_bytes, "none_bytes": d.none_bytes,
+                                "recompute_s": d.recompute_seconds, "full_checkpoint_recompute_s": d.full_recompute_seconds}
+                       for d in decisions},
+        }
+
+
+class KeepDecisions(L.Callback):
+    """Puts the per-block decisions in Lightning checkpoints; a resumed run uses them instead of profiling."""
+
+    def __init__(self, planner: _Planner):
+        self.planner = planner
+
+    def state_dict(self):
+        return {name: {**asdict(d), "stored_keys": sorted(d.stored_keys)}
+                for name, d in self.planner.decisions.items()}
+
+    def load_state_dict(self, state_dict):
+        self.planner.decisions = {
+            name: BlockDecision(**{**d, "stored_keys": frozenset(tuple(key) for key in d["stored_keys"])})
+            for name, d in state_dict.items()}
 
 
 @dataclass

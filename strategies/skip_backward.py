@@ -1,22 +1,20 @@
-"""Skip the backward of confident samples, with a threshold that adapts to an allowed gradient error.
+"""Leave confident samples out of the backward, with a threshold that adapts to an allowed gradient error.
 
-After ``warmup_steps`` of full backprop, a sample whose confidence (top-1 probability, or the margin between
-the top-2 probabilities) is above the threshold gets weight 0 in the loss. The threshold is not a
-constant: after every batch it is recomputed from the last ``window`` samples as the lowest confidence
-above which the skipped samples would carry at most ``max_grad_error`` of the window's logit-gradient norm
-(for cross-entropy a sample's logit gradient is softmax - onehot, whose norm follows from its loss and its
-probabilities), and at most ``max_skip`` of its samples. ``selection=random`` skips as many samples per
-batch as the confidence rule would, chosen at random (its own generator): the baseline it must beat.
+The trainer first scores the whole batch in a no-grad forward; after ``warmup_steps`` of full backprop, a
+sample whose confidence there (top-1 probability, or the margin between the top-2 probabilities) is above
+the threshold is left out of the graph-building forward and the backward, so their compute and activation
+memory are saved for real (the scoring pass costs one forward without saved activations). The threshold
+is not a constant: after every step it is recomputed from the last ``window`` samples (of every DDP rank)
+as the lowest confidence above which the skipped samples would carry at most ``max_grad_error`` of the
+window's logit-gradient norm (for cross-entropy a sample's logit gradient is softmax - onehot, whose norm
+follows from its loss and its probabilities), and at most ``max_skip`` of its samples. ``selection=random``
+skips as many samples per batch as the confidence rule would, chosen at random (its own generator): the
+baseline it must beat.
 
-The loss is the sum of the kept samples' losses over the batch size, i.e. the full-batch mean with the
+The loss is the kept samples' losses summed over the batch size, i.e. the full-batch mean with the
 skipped samples' terms removed, so the gradient error is exactly what the bound measures. Each micro-batch
-(gradient accumulation) and each DDP rank decides for its own samples; the epoch is never cut short.
-The bound holds on the window; a batch more confident than the window (the model improving) may exceed it.
-
-What it saves, honestly: the skipped samples contribute nothing to the gradient, but autograd still runs
-the backward over the whole batch (a zero upstream gradient is multiplied through every layer), so in this
-form the share of skipped samples is the share of per-sample backward work a batch-compacting backward
-could drop, not a measured speed-up. See the README section for the core change that makes it real.
+(gradient accumulation) decides for its own samples; the epoch is never cut short. The bound holds on the
+window; a batch more confident than the window (the model improving) may exceed it.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ SELECTIONS = ("confidence", "random")
 class SkipBackwardOptions:
     criterion: str = "margin"        # margin: top-1 minus top-2 probability; top1: top-1 probability
     max_grad_error: float = 0.1      # share of the logit-gradient norm the skipped samples may carry, in (0, 1)
-    max_skip: float = 0.9            # never skip more than this share of the window, in [0, 1)
+    max_skip: float = 0.9            # never skip more than this share of the window or a batch, in [0, 1)
     warmup_steps: int = 20           # optimizer steps of full backprop first (statistics are gathered)
     window: int = 1024               # recent samples the threshold is computed from
     selection: str = "confidence"    # confidence, or random: the same count of random samples (baseline)
@@ -65,8 +63,8 @@ class SkipState:
         self.window: deque[tuple[float, float]] = deque(maxlen=options.window)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.warming_up = options.warmup_steps > 0
-        self.skipped = self.seen = 0  # totals, for the share of backward work skipped
-        self.last: dict[str, float] = {}
+        self.skipped = self.seen = 0  # totals, for the share of samples left out of the backward
+        self.pending: torch.Tensor | None = None  # the last batch's statistics, for the callback
 
     def adapt(self) -> None:
         """The lowest threshold whose skipped samples stay within max_grad_error and max_skip of the window."""
@@ -76,6 +74,18 @@ class SkipState:
         allowed = int((share <= self.options.max_grad_error).sum())
         count = min(allowed, int(self.options.max_skip * len(order)))  # < len(order) as max_skip < 1
         self.threshold = float(confidence[order[count]])  # the count most confident lie strictly above it
+
+    def record(self, scored: torch.Tensor) -> dict[str, float]:
+        """Add a step's (confidence, gradient norm, skipped) rows to the window and adapt; the step's figures."""
+        confidence, norm, skipped = scored.double().cpu().unbind(1)
+        self.window.extend(zip(confidence.tolist(), norm.tolist()))
+        self.adapt()
+        self.skipped += int(skipped.sum())
+        self.seen += len(skipped)
+        return {"skip_rate": float(skipped.mean()),
+                "grad_error": float((norm * skipped).sum() / norm.sum().clamp_min(1e-12)),
+                "threshold": self.threshold,
+                "skipped_share": self.skipped / self.seen}  # over all steps so far, warm-up included
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold, "window": list(self.window), "generator": self.generator.get_state(),
@@ -106,7 +116,8 @@ def confidence_and_grad_norm(per_sample_loss: torch.Tensor, logits: torch.Tensor
 
 
 class AdaptThreshold(L.Callback):
-    """Warm-up, threshold adaptation and per-step logging; its state_dict puts the threshold in checkpoints."""
+    """Warm-up, threshold adaptation (on every rank's samples) and per-step logging; its state_dict puts the
+    threshold in checkpoints."""
 
     def __init__(self, state: SkipState):
         self.state = state
@@ -116,15 +127,14 @@ class AdaptThreshold(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         state = self.state
-        if state.window:
-            state.adapt()
-        seen = max(state.seen, 1)
-        pl_module.log_dict({
-            "skip_backward/skip_rate": state.last.get("skip_rate", 0.0),
-            "skip_backward/grad_error": state.last.get("grad_error", 0.0),
-            "skip_backward/threshold": state.threshold,
-            "skip_backward/skipped_share": state.skipped / seen,  # over all steps so far, warm-up included
-        }, on_step=True, on_epoch=False)
+        if state.pending is None:
+            return
+        scored = state.pending  # (samples, 3): confidence, gradient norm, skipped
+        if trainer.world_size > 1:  # equal batch sizes per rank: the distributed sampler pads
+            scored = pl_module.all_gather(scored).reshape(-1, 3)
+        state.pending = None
+        pl_module.log_dict({f"skip_backward/{k}": v for k, v in state.record(scored).items()},
+                           on_step=True, on_epoch=False)
 
     def state_dict(self):
         return self.state.state_dict()
@@ -136,7 +146,7 @@ class AdaptThreshold(L.Callback):
 class SkipBackward(Strategy):
     exact = False
     Options = SkipBackwardOptions
-    summary = "drops confident samples from the loss (adaptive threshold within a gradient-error bound)"
+    summary = "back-propagates only samples below an adaptive confidence threshold (gradient-error bound)"
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -145,7 +155,7 @@ class SkipBackward(Strategy):
     def callbacks(self) -> list:
         return [AdaptThreshold(self.state)]
 
-    def reduce_loss(self, per_sample_loss, logits):
+    def select_samples(self, per_sample_loss, logits):
         if logits.dim() != 2 or per_sample_loss.shape != logits.shape[:1]:
             raise StrategyError("strategy 'skip_backward' needs a classification recipe (one loss per sample and "
                                 f"logits of shape batch x classes, got {tuple(logits.shape)}): use recipe=cifar_resnet "
@@ -154,15 +164,16 @@ class SkipBackward(Strategy):
         confidence, norm = confidence_and_grad_norm(per_sample_loss, logits, self.options.criterion)
         skip = torch.zeros_like(confidence, dtype=torch.bool)
         if not state.warming_up:
-            skip = confidence > state.threshold
+            count = min(int((confidence > state.threshold).sum()), int(self.options.max_skip * len(skip)))
             if self.options.selection == "random":
-                chosen = torch.randperm(len(skip), generator=state.generator)[: int(skip.sum())]
-                skip = torch.zeros_like(skip)
-                skip[chosen.to(skip.device)] = True
-        state.window.extend(zip(confidence.tolist(), norm.tolist()))
-        state.skipped += int(skip.sum())
-        state.seen += len(skip)
-        state.last = {"skip_rate": float(skip.float().mean()),
-                      "grad_error": float(norm[skip].sum() / norm.sum().clamp_min(1e-12))}
-        keep = (~skip).to(per_sample_loss.dtype)
-        return (per_sample_loss * keep).sum() / len(per_sample_loss)
+                chosen = torch.randperm(len(skip), generator=state.generator)[:count]
+            else:
+                chosen = confidence.argsort(descending=True)[:count]
+            skip[chosen.to(skip.device)] = True
+        state.pending = torch.stack([confidence, norm, skip.double()], 1)
+        return ~skip
+
+    def report(self) -> dict:
+        state = self.state
+        return {"skipped_share": state.skipped / max(state.seen, 1), "samples_scored": state.seen,
+                "threshold": state.threshold}

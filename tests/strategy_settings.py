@@ -23,4 +23,6 @@ STRATEGY_SETTINGS = {
     "step_in_backward": {"options": {}, "applies_to": ("cnn", "transformer")},
     "skip_backward": {"options": {}, "applies_to": ("cnn", "transformer"), "min_grad_cosine": 0.9},
     "velora": {"options": {"groups": 16}, "applies_to": ("transformer",), "min_grad_cosine": 0.4},
+    # aot_eager: Dynamo and AOTAutograd as with inductor, without its minutes of C++ code generation on CPU
+    "compile": {"options": {"backend": "aot_eager"}, "applies_to": ("cnn", "transformer")},
 }

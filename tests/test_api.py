@@ -112,15 +112,15 @@ def test_strategies_are_ordered_for_surgery():
 
 
 def test_plain_loop_is_warned_about_loop_hooks_it_must_call_itself(monkeypatch):
-    class LossWeighting(lowmem_train.Strategy):
-        name = "loss_weighting"
+    class KeepAll(lowmem_train.Strategy):
+        name = "keep_all"
 
-        def reduce_loss(self, per_sample_loss, logits):
-            return per_sample_loss.sum()
+        def select_samples(self, per_sample_loss, logits):
+            return torch.ones_like(per_sample_loss, dtype=torch.bool)
 
-    monkeypatch.setitem(_registry(), "loss_weighting", LossWeighting)
-    with pytest.warns(UserWarning, match="strategy 'loss_weighting' also acts on the training loop \\(reduce_loss\\)"):
-        apply_strategies(tiny_cnn(), "loss_weighting")
+    monkeypatch.setitem(_registry(), "keep_all", KeepAll)
+    with pytest.warns(UserWarning, match="strategy 'keep_all' also acts on the training loop \\(select_samples\\)"):
+        apply_strategies(tiny_cnn(), "keep_all")
 
 
 def test_checkpoint_keeps_only_the_outermost_matching_modules():

@@ -1,6 +1,7 @@
 """Selective checkpointing: exact gradients and buffers, the memory budget met, less recompute than checkpoint."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -90,3 +91,24 @@ def test_budget_outside_unit_interval_is_a_one_line_error(budget):
 def test_combined_with_checkpoint_is_refused():
     with pytest.raises(StrategyError, match="cannot be combined"):
         apply_strategies(TinyResNet(), ["checkpoint", "selective_checkpoint"])
+
+
+def test_resumed_run_reuses_the_checkpointed_decisions_without_profiling(tmp_path, caplog):
+    from conftest import compose_config
+    from lowmem_train.training import train
+
+    tiny = ("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=4",
+            "trainer.max_epochs=5", "strategy=selective_checkpoint")
+    with caplog.at_level(logging.INFO, logger="lowmem_train.strategies.selective_checkpoint"):
+        first = train(compose_config(*tiny, "trainer.max_steps=2", "trainer.enable_checkpointing=true",
+                                     run_dir=tmp_path / "first"))
+        profiled = [r for r in caplog.records if "stores" in r.getMessage()]
+        caplog.clear()
+        resumed = train(compose_config(*tiny, "trainer.max_steps=4",
+                                       f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+                                       run_dir=tmp_path / "resumed"))
+        assert len(profiled) == 4 and not [r for r in caplog.records if "stores" in r.getMessage()]
+    report = first["strategy_report"]["selective_checkpoint"]
+    assert resumed["strategy_report"]["selective_checkpoint"] == report
+    assert list(report["blocks"]) == [f"model.layers.{i}" for i in range(4)]
+    assert report["stored_bytes"] < report["none_bytes"] and report["recompute_s"] < report["full_checkpoint_recompute_s"]

@@ -50,13 +50,16 @@ def test_trainer_calls_every_loop_hook_of_a_strategy(tmp_path, monkeypatch):
         def state_dict(self):
             return {"steps": self.steps}
 
-    class SumLossFrozenSGD(Strategy):
-        """Sums per-sample losses and trains with a zero learning rate: both visible in the report."""
+    class HalfBatchFrozenSGD(Strategy):
+        """Back-propagates the first half of each batch with a zero learning rate: both visible in the report."""
 
         counter = CountSteps()
 
-        def reduce_loss(self, per_sample_loss, logits):
-            return per_sample_loss.sum()
+        def select_samples(self, per_sample_loss, logits):
+            return torch.arange(len(per_sample_loss)) < len(per_sample_loss) // 2
+
+        def report(self):
+            return {"steps_counted": self.counter.steps}
 
         def configure_optimizer(self, model, build_default):
             return torch.optim.SGD(model.parameters(), lr=0.0)
@@ -64,17 +67,19 @@ def test_trainer_calls_every_loop_hook_of_a_strategy(tmp_path, monkeypatch):
         def callbacks(self):
             return [self.counter]
 
-    monkeypatch.setitem(_registry(), "sum_frozen", SumLossFrozenSGD)
-    SumLossFrozenSGD.name = "sum_frozen"
+    monkeypatch.setitem(_registry(), "sum_frozen", HalfBatchFrozenSGD)
+    HalfBatchFrozenSGD.name = "sum_frozen"
     plain = train(compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "plain"))
     cfg = compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "hooked")
     cfg.strategy = {"sum_frozen": {}}
     hooked = train(cfg)
-    assert hooked["strategies"] == ["sum_frozen"] and SumLossFrozenSGD.counter.steps == 2
+    assert hooked["strategies"] == ["sum_frozen"] and HalfBatchFrozenSGD.counter.steps == 2
     assert hooked["optimizer_state_bytes"] == 0  # SGD without momentum keeps no state (AdamW would)
-    first_loss = {}
+    assert hooked["strategy_report"] == {"sum_frozen": {"steps_counted": 2}}
+    first = {}
     for run in ("plain", "hooked"):
         with open(tmp_path / run / "memory.csv") as f:
-            first_loss[run] = float(next(csv.DictReader(f))["loss"])
-    assert first_loss["hooked"] == pytest.approx(4 * first_loss["plain"], rel=1e-5)  # same batch, summed not averaged
+            first[run] = next(csv.DictReader(f))
+    assert float(first["hooked"]["loss"]) == pytest.approx(float(first["plain"]["loss"]), rel=1e-5)  # whole batch
+    assert int(first["hooked"]["activation_bytes"]) == pytest.approx(int(first["plain"]["activation_bytes"]) / 2, rel=0.02)
     assert plain["optimizer_state_bytes"] > 0
