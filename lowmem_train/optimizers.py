@@ -56,7 +56,7 @@ def quantized_adamw(
         try:
             from bitsandbytes.optim import AdamW8bit as cls
         except ImportError:
-            raise ConfigError("optimizer.backend=bitsandbytes needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError(f"optimizer.backend=bitsandbytes needs bitsandbytes: {OPTIM_EXTRA}") from None
         if block_size is not None:
             raise ConfigError("optimizer.block_size is fixed by bitsandbytes (256); set it to null")
     return functools.partial(cls, **kwargs)

@@ -62,11 +62,11 @@ def test_adamw_keeps_eight_bytes_per_parameter():
     assert matrices_bytes_per_param(model, optimizer) == 8.0
 
 
-@pytest.mark.parametrize("bits, expected", [(8, 2.0), (4, 1.0)])
-def test_quantized_adamw_state_bytes_and_resume(bits, expected):
-    pytest.importorskip("torchao", reason="optimizer=adamw8bit/adamw4bit need the optim extra (torchao)")
+@pytest.mark.parametrize("backend, bits, expected", [("torchao", 8, 2.0), ("torchao", 4, 1.0), ("bitsandbytes", 8, 2.0)])
+def test_quantized_adamw_state_bytes_and_resume(backend, bits, expected):
+    pytest.importorskip(backend, reason=f"optimizer.backend={backend} needs the optim extra")
     model = matrix_model()
-    factory = build(f"adamw{bits}bit", "optimizer.lr=1e-2")
+    factory = build(f"adamw{bits}bit", "optimizer.lr=1e-2", f"optimizer.backend={backend}")
     optimizer = factory(model.parameters())
     losses = train_steps(model, optimizer)
     assert losses[-1] < losses[0]
