@@ -73,8 +73,9 @@ class CompileTimer(L.Callback):
 
     def setup(self, trainer, pl_module, stage):
         strategy = self.strategy
-        cache_dir = strategy.options.cache_dir or Path(trainer.default_root_dir).resolve().parent / "compile_cache"
-        strategy.cache_dir = str(cache_dir)
+        configured = strategy.options.cache_dir
+        cache_dir = Path(configured) if configured else Path(trainer.default_root_dir).parent / "compile_cache"
+        strategy.cache_dir = str(cache_dir.resolve())
         self._previous_cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = strategy.cache_dir  # read by Inductor at every cache access
         strategy.start_counting()

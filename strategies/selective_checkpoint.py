@@ -71,6 +71,10 @@ class SelectiveCheckpoint(Strategy):
     summary = ("stores the op outputs costliest to recompute per byte within a budget of `none`'s bytes, "
                "recomputes the rest (less recompute than checkpoint)")
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.planner = _Planner(self.options.memory_budget)
+
     def plan(self, model: nn.Module) -> list[Touch]:
         if "respect_saved_tensors_hooks" not in inspect.signature(checkpoint).parameters:
             raise StrategyError(f"strategy '{self.name}' needs torch.utils.checkpoint(respect_saved_tensors_hooks=...) "
@@ -83,10 +87,6 @@ class SelectiveCheckpoint(Strategy):
                   "per-op choice measured on the first forward")
         return [Touch(name, type(module).__name__, action) for name, module in blocks]
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.planner = _Planner(self.options.memory_budget)
-
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if "_lowmem_sac_planner" in model.__dict__:
             return
@@ -96,7 +96,6 @@ class SelectiveCheckpoint(Strategy):
         model.register_forward_hook(planner.decide, always_call=True)
         for touch in plan:
             selective_checkpoint_module(model.get_submodule(touch.module), planner, touch.module)
-
 
     def callbacks(self) -> list:
         return [KeepDecisions(self.planner)]

@@ -67,15 +67,15 @@ def test_trainer_calls_every_loop_hook_of_a_strategy(tmp_path, monkeypatch):
         def callbacks(self):
             return [self.counter]
 
-    monkeypatch.setitem(_registry(), "sum_frozen", HalfBatchFrozenSGD)
-    HalfBatchFrozenSGD.name = "sum_frozen"
+    monkeypatch.setitem(_registry(), "half_frozen", HalfBatchFrozenSGD)
+    HalfBatchFrozenSGD.name = "half_frozen"
     plain = train(compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "plain"))
     cfg = compose_config(*TINY, "trainer=debug", run_dir=tmp_path / "hooked")
-    cfg.strategy = {"sum_frozen": {}}
+    cfg.strategy = {"half_frozen": {}}
     hooked = train(cfg)
-    assert hooked["strategies"] == ["sum_frozen"] and HalfBatchFrozenSGD.counter.steps == 2
+    assert hooked["strategies"] == ["half_frozen"] and HalfBatchFrozenSGD.counter.steps == 2
     assert hooked["optimizer_state_bytes"] == 0  # SGD without momentum keeps no state (AdamW would)
-    assert hooked["strategy_report"] == {"sum_frozen": {"steps_counted": 2}}
+    assert hooked["strategy_report"] == {"half_frozen": {"steps_counted": 2}}
     first = {}
     for run in ("plain", "hooked"):
         with open(tmp_path / run / "memory.csv") as f:
