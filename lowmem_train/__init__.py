@@ -6,7 +6,7 @@ Stable API: ``apply_strategies``, ``available_strategies``, ``StrategyError``, `
 from .errors import ConfigError, LowmemError, StrategyError
 from .saved_tensors import SavedBytesMeter, SavedTensorStage
 from .strategy import Strategy, Touch, apply_strategies, available_strategies, get_strategy_class
-from .targets import repeated_blocks, select_modules
+from .targets import outermost, repeated_blocks, select_modules
 
 __all__ = [
     "ConfigError",
@@ -19,6 +19,7 @@ __all__ = [
     "apply_strategies",
     "available_strategies",
     "get_strategy_class",
+    "outermost",
     "repeated_blocks",
     "select_modules",
 ]

@@ -46,6 +46,11 @@ def repeated_blocks(model: nn.Module) -> Selection:
     return blocks
 
 
+def outermost(selection: Selection) -> Selection:
+    """The selected modules not inside another selected one (wrapping a module inside a wrapped one only nests)."""
+    return [(n, m) for n, m in selection if not any(n.startswith(other + ".") for other, _ in selection)]
+
+
 def _is_block(module: nn.Module) -> bool:
     """A block has parameters and sub-modules: a layer of layers, not a single Linear or activation."""
     has_children = next(module.children(), None) is not None

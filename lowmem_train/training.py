@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import typing
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -45,23 +46,23 @@ class TrainingModule(L.LightningModule):
         self.last_output: StepOutput | None = None
 
     def training_step(self, batch, batch_idx):
-        if self.sample_selectors:
-            return self.selected_samples_step(batch)
-        with self.saved_bytes:
-            output = self.recipe.forward(self.model, batch)
+        scored, keep = self.score_and_select(batch) if self.sample_selectors else (None, None)
+        with frozen_norm_statistics(self.model) if scored is not None else nullcontext(), self.saved_bytes:
+            output = self.recipe.forward(self.model, batch if keep is None else self.recipe.subset(batch, keep))
+        whole = output if scored is None else scored  # logged loss and throughput count every sample
         self.activation_bytes = self.saved_bytes.bytes
-        self.last_output = output
-        loss = output.per_sample_loss.mean()
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=output.num_samples)
-        return loss
+        self.last_output = whole
+        self.log("train/loss", whole.per_sample_loss.mean(), on_step=True, prog_bar=True, batch_size=whole.num_samples)
+        if scored is None:
+            return output.per_sample_loss.mean()
+        return output.per_sample_loss.sum() / scored.num_samples  # the full-batch mean minus the left-out terms
 
-    def selected_samples_step(self, batch):
-        """Score the whole batch without a graph, then forward and back-propagate only the chosen samples.
+    def score_and_select(self, batch) -> tuple[StepOutput, torch.Tensor]:
+        """Score the whole batch without a graph and let the selecting strategies choose the samples to
+        back-propagate; the training forward then runs on those only, batch-norm statistics frozen.
 
-        The scoring pass updates batch-norm running statistics from the whole batch; the training forward
-        then keeps them frozen. The scoring pass runs on a forked RNG, so it draws no dropout masks from
-        the model's stream. The loss is the kept samples' losses summed over the whole batch size: the
-        full-batch mean with the left-out samples' terms removed.
+        The scoring pass updates batch-norm running statistics from the whole batch, and runs on a forked
+        RNG, so it draws no dropout masks from the model's stream.
         """
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
@@ -73,13 +74,7 @@ class TrainingModule(L.LightningModule):
                 keep &= mask.to(keep.device)
         if not keep.any():
             raise StrategyError(f"strategy '{self.sample_selectors[0].name}' left no sample of a batch to back-propagate")
-        with frozen_norm_statistics(self.model), self.saved_bytes:
-            output = self.recipe.forward(self.model, self.recipe.subset(batch, keep))
-        self.activation_bytes = self.saved_bytes.bytes
-        self.last_output = scored  # throughput counts every sample the step processed
-        self.log("train/loss", scored.per_sample_loss.mean(), on_step=True, prog_bar=True,
-                 batch_size=scored.num_samples)
-        return output.per_sample_loss.sum() / scored.num_samples
+        return scored, keep
 
     def validation_step(self, batch, batch_idx):
         metrics, batch_size = self.recipe.validation_step(self.model, batch)

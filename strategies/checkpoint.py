@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lowmem_train import Strategy, Touch, repeated_blocks, select_modules
+from lowmem_train import Strategy, Touch, outermost, repeated_blocks, select_modules
 from lowmem_train.recompute import checkpointed_call
 
 
@@ -36,9 +36,8 @@ class Checkpoint(Strategy):
             default=repeated_blocks, what="repeated blocks",
         )
         # A module inside another target is recomputed with it already: checkpointing it again only nests.
-        outermost = [(n, m) for n, m in blocks if not any(n.startswith(other + ".") for other, _ in blocks)]
         return [Touch(name, type(module).__name__, "checkpoint: keep inputs, recompute in backward")
-                for name, module in outermost]
+                for name, module in outermost(blocks)]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         for touch in plan:

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
+from lowmem_train import Strategy, StrategyError, Touch, outermost, repeated_blocks, select_modules
 
 SCOPES = ("blocks", "model")
 COUNTERS = {  # report key: (torch._dynamo counters group, counter or None for the group's sum)
@@ -109,8 +109,7 @@ class Compile(Strategy):
             return [Touch("", type(model).__name__, action)]
         regions = select_modules(model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude,
                                  default=repeated_blocks, what="repeated blocks")
-        outermost = [(n, m) for n, m in regions if not any(n.startswith(other + ".") for other, _ in regions)]
-        return [Touch(name, type(module).__name__, action) for name, module in outermost]
+        return [Touch(name, type(module).__name__, action) for name, module in outermost(regions)]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if self.options.cache_dir:
