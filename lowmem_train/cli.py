@@ -1,15 +1,27 @@
 """``lowmem-train``: the Hydra command line.
 
 Before Hydra creates any output, the overrides are composed against the real config tree (every value of
-a sweep too), the strategies and the recipe are built, and any bad input ends as one line naming the bad
-key and the valid choices, with exit status 2. Errors found later (a strategy that matches no module, a
-missing data root) also print one line, and the run's half-written directory is removed.
+a sweep too), the strategies, the recipe, the optimizer and the Trainer are built, and any bad input ends
+as one line naming the bad key and the valid choices, with exit status 2.
+
+The run directory is claimed before Hydra writes into it: Hydra's default ``outputs/<date>/<time>`` gets a
+``-1``, ``-2``... suffix when another run already has it, and an explicit ``hydra.run.dir`` /
+``hydra.sweep.dir`` must be empty or new. Everything in a claimed directory is therefore this run's own:
+a run that fails on bad input removes its directory (only its own job's, in a sweep) and nothing else.
+Any other exception prints one line pointing at the traceback in the run's log file (``LOWMEM_DEBUG=1``
+shows it on the terminal). A stopped run (Ctrl-C, SIGTERM, a non-finite loss) exits with 130, 143 or 3.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
+import re
 import shutil
 import sys
+import traceback
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -17,17 +29,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, LowmemError, one_line
-from .training import train, validate_config
+from .training import train, trainer_parameters, validate_config
 
 CONFIG_DIR = Path(str(files("lowmem_train.configs")))
 CONFIG_NAME = "train"
-# What a failed run may have written into its run directory; only these are removed.
-RUN_OUTPUTS = ("memory.csv", "memory_report.json", "memory_curve.png", "strategies.json", "csv", "wandb", ".hydra",
-               "lowmem-train.log")
+MULTI_CHOICE_GROUPS = ("strategy",)  # the other config groups take one choice each
+# The directory this process claimed for its run (or sweep) and whether it created it.
+claimed: dict[str, Path | bool] = {}
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -55,22 +68,89 @@ def candidate_overrides(parsed) -> list[list[str]]:
     return combos
 
 
-def check_overrides(args: list[str]) -> None:
-    """Raise LowmemError (one line) for anything in ``args`` the config tree or the strategies reject."""
+def check_overrides(overrides: list[str]) -> None:
+    """Raise LowmemError (one line) for anything in ``overrides`` the config tree or the strategies reject."""
     try:
-        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
         raise ConfigError(f"cannot parse overrides: {one_line(exc)}") from None
     groups = config_groups()
     for override in parsed:
-        choices = groups.get(override.key_or_group)
+        group = override.key_or_group
+        choices = groups.get(group)
         if choices is None or override.is_delete():
             continue
+        if not override.is_sweep_override() and isinstance(override.value(), list):
+            values = [str(v) for v in override.value()]
+            if group not in MULTI_CHOICE_GROUPS:
+                raise ConfigError(f"{group} takes one choice, got [{', '.join(values)}]; valid choices: "
+                                  f"{', '.join(choices)}")
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"strategy '{twice}' is listed twice in {group}=[{', '.join(values)}]; list it once")
         for value in override_values(override):
             if value not in choices:
-                raise ConfigError(f"unknown {override.key_or_group} '{value}'; valid choices: {', '.join(choices)}")
+                raise ConfigError(f"unknown {group} '{value}'; valid choices: {', '.join(choices)}")
     for combo in candidate_overrides(parsed):
         validate_config(compose(combo))
+
+
+def with_trainer_keywords(args: list[str]) -> list[str]:
+    """``trainer.K=V`` for every lightning.Trainer keyword K, also one the trainer configs do not list (which
+    Hydra would only take as ``+trainer.K=V``)."""
+    listed = set(OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml").keys())
+    keywords = trainer_parameters()
+    rewritten = []
+    for arg in args:
+        match = re.match(r"trainer\.(\w+)=", arg)
+        rewritten.append(f"++{arg}" if match and match.group(1) in keywords and match.group(1) not in listed else arg)
+    return rewritten
+
+
+def claim_output_dir(args: list[str], multirun: bool = False) -> list[str]:
+    """Claim the run (or sweep) directory before Hydra writes into it; ``args`` with it set explicitly.
+
+    An explicit directory must be empty or new. The default one (Hydra's ``outputs/<date>/<time>``) gets a
+    numeric suffix when another run, maybe started in the same second, already has it.
+    """
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a for a in args if a.lstrip("+").startswith(key + "=")]
+    if given:
+        path = Path(resolve_now(given[-1].split("=", 1)[1].strip("'\"")))
+        if path.is_dir() and any(path.iterdir()):
+            raise ConfigError(f"{key}={path} is not empty (an earlier run's files are there); choose a new directory: "
+                              "lowmem-train never writes into another run's folder")
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        default = default_output_dir(key)
+        for n in itertools.count():
+            path = default if n == 0 else default.with_name(f"{default.name}-{n}")
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        created = True
+    claimed.update(path=path.resolve(), created=created)
+    return [a for a in args if a not in given] + [f"{key}='{path}'"]
+
+
+def default_output_dir(key: str) -> Path:
+    """Hydra's default run or sweep directory (``outputs/<date>/<time>``), resolved now."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return Path(OmegaConf.select(hydra_compose(CONFIG_NAME, return_hydra_config=True), key))
+
+
+def resolve_now(value: str) -> str:
+    """A directory override with Hydra's ``${now:...}`` in it, resolved as Hydra would."""
+    try:
+        return str(OmegaConf.create({"value": value}).value)
+    except OmegaConfBaseException:
+        return value
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -98,35 +178,84 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
         except (HydraException, OmegaConfBaseException):
             node = None
         valid = ", ".join(k for k in node.keys() if k != "hydra") if isinstance(node, DictConfig) else "see README"
+        if parent == "trainer":
+            valid = ", ".join(trainer_parameters())
         return f"unknown option '{key}'; valid keys under {parent or 'the top level'}: {valid}"
     return one_line(exc)
 
 
-def remove_run_outputs(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+def remove_own_output(job_dir: Path) -> None:
+    """After bad input: remove this job's directory, which lies in the directory this process claimed."""
+    root = claimed.get("path")
+    job_dir = job_dir.resolve()
+    if root is None or not (job_dir == root or root in job_dir.parents):
+        return
+    if job_dir == root and not claimed["created"]:
+        for path in job_dir.iterdir():  # it was empty when claimed: everything in it is this run's
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        return
+    shutil.rmtree(job_dir, ignore_errors=True)
+    leftovers = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    if root != job_dir and claimed["created"] and leftovers <= {"multirun.yaml"}:
+        shutil.rmtree(root, ignore_errors=True)  # a sweep whose first job failed: nothing of it is left
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
 def run(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        train(cfg)
+        report = train(cfg)
     except LowmemError as exc:
         print(f"lowmem-train: error: {exc}", file=sys.stderr)
-        remove_run_outputs(Path(HydraConfig.get().runtime.output_dir))
+        remove_own_output(job_dir)
         sys.exit(2)
+    except Exception as exc:
+        if os.environ.get("LOWMEM_DEBUG"):
+            raise
+        log = job_dir / f"{hydra_cfg.job.name}.log"
+        with open(log, "a") as file:
+            traceback.print_exc(file=file)
+        print(f"lowmem-train: error: {type(exc).__name__}: {one_line(exc)} (traceback in {log}; LOWMEM_DEBUG=1 "
+              "prints it)", file=sys.stderr)
+        sys.exit(1)
+    stopped = (report or {}).get("stopped")
+    if stopped:
+        print(f"lowmem-train: stopped: {stopped['reason']}; report in {job_dir}; resume with "
+              f"ckpt_path={stopped['checkpoint']}", file=sys.stderr)
+        sys.exit(stopped["exit_code"])
+
+
+def quiet_third_party_noise() -> None:
+    """Deprecation chatter of torch/Lightning internals, product tips and the hub's download bars are not the
+    user's business here (the report says what ran)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read at import; transformers follows the hub
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (an in-process call)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(  # the report names the device
+        lambda record: not str(record.msg).startswith(("💡", "GPU available", "TPU available")))
 
 
 def main() -> None:
+    from hydra._internal.utils import get_args_parser  # Hydra's own flags (-m, --cfg job, ...) and overrides
+
+    quiet_third_party_noise()
+    args = with_trainer_keywords(sys.argv[1:])
+    flags = get_args_parser().parse_args(args)
+    runs = not (flags.cfg or flags.help or flags.hydra_help or flags.info or flags.shell_completion)
     try:
-        check_overrides(sys.argv[1:])
+        check_overrides(flags.overrides)
+        if runs and rank_zero_only.rank == 0:  # DDP workers reuse rank 0's directory
+            args = claim_output_dir(args, flags.multirun)
     except LowmemError as exc:
         print(f"lowmem-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    sys.argv = sys.argv[:1] + args
     run()

@@ -4,21 +4,58 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from .errors import ConfigError
+
+def check_data_config(data: DictConfig) -> None:
+    """The counts and sizes a data config holds are integers >= 1 (``num_workers`` >= 0, ``image_size`` may be null)."""
+    for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers"):
+        if key not in data or (key == "image_size" and data[key] is None):
+            continue
+        value, least = data[key], 0 if key == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"data.{key} must be an integer >= {least}, got {value!r}")
+
+
+class EpochShuffle(RandomSampler):
+    """A shuffle that depends only on (seed, epoch), never on the global RNG, and can skip what a resumed
+    run already consumed: a run stopped mid-epoch and resumed sees the samples the uninterrupted run saw.
+
+    Lightning calls ``set_epoch``; the run's checkpoint callback sets ``resume_at`` from the checkpoint.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        skip = 0
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            skip = self.resume_at[1]
+        self.resume_at = None
+        yield from order[skip:]
 
 
 def make_loader(dataset: Dataset, data: DictConfig, *, train: bool) -> DataLoader:
     workers = int(data.get("num_workers", 0))
+    seed = int(data.get("seed", 0))
     return DataLoader(
         dataset,
         batch_size=int(data.batch_size),
-        shuffle=train,
+        sampler=EpochShuffle(dataset, seed) if train else None,
         drop_last=train and len(dataset) > int(data.batch_size),
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),  # worker seeds without drawing from the global RNG
     )
 
 

@@ -188,6 +188,11 @@ def format_report(report: dict) -> str:
     for name, figures in report.get("strategy_report", {}).items():
         lines.append(f"  {name:<20} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in figures.items() if not isinstance(v, (dict, list))))
+    if report.get("nonfinite_skipped_steps"):
+        lines.append(f"  non-finite steps     {report['nonfinite_skipped_steps']} skipped (on_nonfinite=skip)")
+    if report.get("stopped"):
+        stopped = report["stopped"]
+        lines.append(f"  stopped              {stopped['reason']}; resume with ckpt_path={stopped['checkpoint']}")
     if report.get("validation"):
         lines.append("  validation           " + ", ".join(f"{k}={v:.4f}" for k, v in report["validation"].items()))
     lines.append(f"files in {report['run_dir']}: " + ", ".join(report["files"]))

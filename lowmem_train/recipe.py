@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .data import check_data_config
 from .errors import ConfigError
 
 
@@ -43,6 +44,7 @@ class Recipe:
             raise ConfigError(
                 f"data={source} is not a data source of recipe {self.name}; valid: {', '.join(self.data_sources)}"
             )
+        check_data_config(data)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

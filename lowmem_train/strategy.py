@@ -57,6 +57,7 @@ class Strategy:
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # gradients equal to plain backprop (up to float rounding)
+    changes_architecture: ClassVar[bool] = False  # its state_dict is another model's: resume needs the same choice
     order: ClassVar[int] = 50  # surgery order: swaps (low) before wrappers such as checkpointing (high)
     incompatible_with: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
@@ -144,10 +145,12 @@ def get_strategy_class(name: str) -> type[Strategy]:
     return registry[name]
 
 
-def build_strategies(spec: str | Iterable[str] | Mapping[str, Any] | None) -> list[Strategy]:
-    """Strategy objects from a name, a list of names or a mapping name -> options, sorted by ``order``.
+def build_strategies(spec: str | Iterable[str | Mapping[str, Any]] | Mapping[str, Any] | None) -> list[Strategy]:
+    """Strategy objects from a name, a mapping name -> options, or a list of names and such mappings,
+    sorted by ``order``.
 
-    Checks declared incompatibilities. ``none`` combined with others is dropped: it means plain backprop.
+    Checks declared incompatibilities and refuses a strategy named twice. ``none`` combined with others is
+    dropped: it means plain backprop.
     """
     if spec is None:
         spec = {}
@@ -156,7 +159,7 @@ def build_strategies(spec: str | Iterable[str] | Mapping[str, Any] | None) -> li
     elif isinstance(spec, (DictConfig, Mapping)):
         spec = dict(spec)
     else:
-        spec = {name: {} for name in spec}
+        spec = merge_spec_items(spec)
     strategies = [get_strategy_class(name)(options) for name, options in spec.items()]
     names = {s.name for s in strategies}
     for strategy in strategies:
@@ -166,6 +169,23 @@ def build_strategies(spec: str | Iterable[str] | Mapping[str, Any] | None) -> li
     if len(strategies) > 1:
         strategies = [s for s in strategies if s.name != "none"]
     return sorted(strategies, key=lambda s: s.order)
+
+
+def merge_spec_items(items: Iterable[Any]) -> dict[str, Any]:
+    """``["checkpoint", {"compress": {"bits": 4}}]`` as one mapping name -> options; a name given twice is an error."""
+    merged: dict[str, Any] = {}
+    for item in items:
+        if isinstance(item, str):
+            entries = {item: {}}
+        elif isinstance(item, (DictConfig, Mapping)):
+            entries = dict(item)
+        else:
+            raise StrategyError(f"a strategy list holds names or mappings name -> options, got {item!r}")
+        for name, options in entries.items():
+            if name in merged:
+                raise StrategyError(f"strategy '{name}' is listed twice; list each strategy once")
+            merged[name] = options
+    return merged
 
 
 def plan_strategies(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
@@ -196,12 +216,13 @@ def apply_built(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[
 
 
 def apply_strategies(
-    model: nn.Module, strategies: str | Iterable[str] | Mapping[str, Any] | None
+    model: nn.Module, strategies: str | Iterable[str | Mapping[str, Any]] | Mapping[str, Any] | None
 ) -> nn.Module:
     """Apply model-level strategies to any ``nn.Module`` for use in a plain PyTorch loop.
 
-    ``strategies`` is a name, a list of names or a mapping name -> options. The model is changed in place
-    (same parameter objects and values) and returned; applying the same strategy again is a no-op.
+    ``strategies`` is a name, a mapping name -> options, or a list of names and such mappings. The model
+    is changed in place (same parameter objects and values) and returned; applying the same strategy again
+    is a no-op.
     Build the optimizer after this call.
     """
     built = build_strategies(strategies)

@@ -9,24 +9,48 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import math
+import netrc
+import os
 import typing
+import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpoints
 from .errors import ConfigError, LowmemError, StrategyError, one_line
 from .memory import MemoryMonitor, format_report, plot_curve, summarize, write_report
 from .recipe import Recipe, StepOutput
 from .recompute import frozen_norm_statistics
+from .run_control import RunControl, RunStopped
 from .saved_tensors import SavedBytesMeter
 from .strategy import Strategy, apply_built, build_strategies, plan_strategies
 from .validation import coerce
+
+# Files a run writes into its run directory; a run_dir that holds any of them belongs to an earlier run.
+RUN_FILES = ("memory.csv", "memory_report.json", "memory_curve.png", "strategies.json", "checkpoints", "csv", "wandb")
+
+
+@dataclass
+class RunSettings:
+    """The top-level keys of ``configs/train.yaml`` (types checked before anything runs)."""
+
+    seed: int
+    dry_run: bool
+    ckpt_path: str | None
+    on_nonfinite: Literal["stop", "skip", "off"]
 
 
 class TrainingModule(L.LightningModule):
@@ -34,11 +58,13 @@ class TrainingModule(L.LightningModule):
     back-propagate and build the optimizer. ``activation_bytes`` and ``last_output`` are read by the
     MemoryMonitor callback."""
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, strategies: list[Strategy], optimizer_factory):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, strategies: list[Strategy], optimizer_factory,
+                 run_control: RunControl | None = None):
         super().__init__()
         self.recipe = recipe
         self.model = model
         self.strategies = strategies
+        self.run_control = run_control
         self.sample_selectors = [s for s in strategies if type(s).select_samples is not Strategy.select_samples]
         self.optimizer_factory = optimizer_factory
         self.saved_bytes = SavedBytesMeter(model)
@@ -54,8 +80,12 @@ class TrainingModule(L.LightningModule):
         self.last_output = whole
         self.log("train/loss", whole.per_sample_loss.mean(), on_step=True, prog_bar=True, batch_size=whole.num_samples)
         if scored is None:
-            return output.per_sample_loss.mean()
-        return output.per_sample_loss.sum() / scored.num_samples  # the full-batch mean minus the left-out terms
+            loss = output.per_sample_loss.mean()
+        else:
+            loss = output.per_sample_loss.sum() / scored.num_samples  # the full-batch mean minus the left-out terms
+        if self.run_control is not None and not self.run_control.admit_loss(self.trainer, loss):
+            return None  # Lightning runs no backward and no optimizer step for this batch
+        return loss
 
     def score_and_select(self, batch) -> tuple[StepOutput, torch.Tensor]:
         """Score the whole batch without a graph and let the selecting strategies choose the samples to
@@ -80,6 +110,9 @@ class TrainingModule(L.LightningModule):
         metrics, batch_size = self.recipe.validation_step(self.model, batch)
         self.log_dict(metrics, prog_bar=True, batch_size=batch_size, sync_dist=True)  # DDP: averaged over ranks
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[checkpoints.KEY] = checkpoints.run_identity(self.recipe.name, self.model, self.strategies)
+
     def configure_optimizers(self):
         for strategy in self.strategies:
             optimizer = strategy.configure_optimizer(self.model, self.optimizer_factory)
@@ -88,24 +121,57 @@ class TrainingModule(L.LightningModule):
         return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
-    if cfg.logger.get("_target_", "").endswith("WandbLogger"):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("logger=wandb needs the wandb package: pip install 'lowmem-train[wandb]'") from None
-    return instantiate(cfg.logger, save_dir=str(run_dir))
+def build_logger(cfg: DictConfig, run_dir: Path, run_name: str):
+    """The configured Lightning logger; a W&B run is named after recipe and strategies and holds the whole
+    resolved config."""
+    kwargs = {"save_dir": str(run_dir)}
+    if is_wandb(cfg) and not cfg.logger.get("name"):
+        kwargs["name"] = run_name
+    logger = instantiate(cfg.logger, **kwargs)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
+def is_wandb(cfg: DictConfig) -> bool:
+    return cfg.logger.get("_target_", "").endswith("WandbLogger")
+
+
+def wandb_netrc_entry(base_url: str) -> bool:
+    """``wandb login`` stores the key in ~/.netrc (or $NETRC) under the server's host name."""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_wandb(cfg: DictConfig) -> None:
+    """W&B needs its package and either offline mode or an API key: without them it would prompt or fail late."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("logger=wandb needs the wandb package: pip install 'lowmem-train[wandb]'") from None
+    if cfg.logger.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY") or wandb_netrc_entry(wandb.Settings().base_url):
+        return
+    raise ConfigError("logger=wandb needs a W&B API key (WANDB_API_KEY or `wandb login`), or offline mode: "
+                      "WANDB_MODE=offline or logger.offline=true")
+
+
+def trainer_parameters() -> list[str]:
+    """lightning.Trainer's keywords a config may set (logger, callbacks and the root dir are the run's)."""
+    return [p for p in inspect.signature(L.Trainer.__init__).parameters
+            if p not in ("self", "logger", "callbacks", "default_root_dir")]
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
     """``cfg.trainer`` checked against lightning.Trainer's signature: unknown keys and wrong types fail here."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    parameters = inspect.signature(L.Trainer.__init__).parameters
+    parameters = trainer_parameters()
     hints = typing.get_type_hints(L.Trainer.__init__)
     for key, value in kwargs.items():
-        if key not in parameters or key in ("logger", "callbacks", "default_root_dir"):
-            valid = ", ".join(p for p in parameters if p not in ("self", "logger", "callbacks", "default_root_dir"))
-            raise ConfigError(f"unknown option 'trainer.{key}'; valid keys: {valid}")
+        if key not in parameters:
+            raise ConfigError(f"unknown option 'trainer.{key}'; valid keys: {', '.join(parameters)}")
         try:
             kwargs[key] = coerce(value, hints.get(key, typing.Any))
         except TypeError as exc:
@@ -139,14 +205,71 @@ def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+def check_run_settings(cfg: DictConfig) -> RunSettings:
+    hints = typing.get_type_hints(RunSettings)
+    values = {}
+    for key, hint in hints.items():
+        try:
+            values[key] = coerce(cfg.get(key), hint)
+        except TypeError as exc:
+            raise ConfigError(f"{key} {exc}") from None
+    return RunSettings(**values)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Build the Trainer once, without logger or callbacks, so Lightning's own checks of its keys (ranges,
+    devices, precision) fail here, before the run, as one line."""
+    kwargs = trainer_kwargs(cfg)
+    if kwargs.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={kwargs['accelerator']}: no CUDA GPU is visible here; "
+                          "use trainer.accelerator=cpu or auto")
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no "GPU available" lines twice
+    try:
+        L.Trainer(**{**kwargs, "enable_checkpointing": False}, logger=False, callbacks=[])
+    except Exception as exc:  # Lightning raises MisconfigurationException, ValueError, TypeError...
+        raise ConfigError(f"trainer: {one_line(exc)}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def check_optimizer(cfg: DictConfig):
+    """The optimizer factory, tried on one parameter: a negative or NaN learning rate fails here."""
+    for key, value in cfg.optimizer.items():
+        numbers = value if OmegaConf.is_list(value) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"optimizer.{key} must be a finite number, got {value}")
+    factory = instantiate_choice(cfg, "optimizer")
+    try:
+        factory([torch.nn.Parameter(torch.zeros(2, 2))])
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(f"optimizer: {one_line(exc)}") from None
+    return factory
+
+
 def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     """Everything that can be checked without building the model or reading data; raises LowmemError."""
     missing = missing_keys(cfg)
     if missing:
         raise ConfigError(f"{missing[0]} is required (it is ??? in the config); set it: {missing[0]}=...")
-    trainer_kwargs(cfg)
-    instantiate_choice(cfg, "optimizer")
-    return build_strategies(cfg.strategy), build_recipe(cfg)
+    settings = check_run_settings(cfg)
+    check_trainer(cfg)
+    check_optimizer(cfg)
+    if is_wandb(cfg):
+        check_wandb(cfg)
+    strategies, recipe = build_strategies(cfg.strategy), build_recipe(cfg)
+    if settings.ckpt_path:
+        checkpoints.check_recipe(checkpoints.read_checkpoint(settings.ckpt_path), settings.ckpt_path, recipe.name)
+    return strategies, recipe
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A run never writes over an earlier run's results."""
+    taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(f"run_dir={run_dir} already holds an earlier run's results ({taken[0]}); use a new "
+                          "directory")
 
 
 def format_plan(plans) -> str:
@@ -159,30 +282,52 @@ def format_plan(plans) -> str:
 
 
 def train(cfg: DictConfig) -> dict | None:
-    """Run one training job; returns the memory report (None for a dry run and on DDP ranks other than 0)."""
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    """Run one training job; returns the memory report (None for a dry run and on DDP ranks other than 0).
+
+    A run stopped early (a signal, a non-finite loss or gradient) still returns its report, with ``stopped``
+    saying why, at which step, and which checkpoint resumes it.
+    """
+    settings = check_run_settings(cfg)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
     strategies, recipe = validate_config(cfg)
     model = recipe.build_model()
-    if cfg.dry_run:
+    if settings.dry_run:
         print(format_plan(plan_strategies(model, strategies)))
         return None
+    run_dir = Path(cfg.run_dir)
+    if rank_zero_only.rank == 0:  # DDP workers share rank 0's directory
+        check_fresh_run_dir(run_dir)
     touched = apply_built(model, strategies)
     train_loader, val_loader = recipe.build_dataloaders()
-    run_dir = Path(cfg.run_dir)
+    run_control = RunControl(run_dir, train_loader, settings.on_nonfinite)
+    module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"), run_control)
+    if settings.ckpt_path:
+        identity = checkpoints.run_identity(recipe.name, model, strategies)
+        note = checkpoints.check_fits(checkpoints.read_checkpoint(settings.ckpt_path), settings.ckpt_path, identity,
+                                      module)
+        if note:
+            print(note)
     run_dir.mkdir(parents=True, exist_ok=True)
-    module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"))
     monitor = MemoryMonitor(run_dir)
-    callbacks = [monitor] + [c for s in strategies for c in s.callbacks()]
+    callbacks = [monitor] + [c for s in strategies for c in s.callbacks()] + [run_control]
     if cfg.trainer.get("enable_checkpointing"):
         # <run_dir>/checkpoints/last.ckpt: a path Hydra parses unquoted in ckpt_path=... (no '=' in it).
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
-                                         auto_insert_metric_name=False, save_last=True))
-    logger = build_logger(cfg, run_dir)
+                                         auto_insert_metric_name=False, save_last="link"))
+    names = [s.name for s in strategies] or ["none"]
+    logger = build_logger(cfg, run_dir, run_name=f"{recipe.name}-{'+'.join(names)}")
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    stopped = None
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            with warnings.catch_warnings():
+                if run_control.sampler is not None:  # EpochShuffle + RunControl resume mid-epoch exactly
+                    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before")
+                trainer.fit(module, train_loader, val_loader, ckpt_path=settings.ckpt_path)
+        except RunStopped as stop:
+            stopped = stop
         validation = {}
-        if val_loader is not None:
+        if val_loader is not None and stopped is None:
             (metrics,) = trainer.validate(module, val_loader, verbose=False)
             validation = {k: float(v) for k, v in metrics.items()}
         if not monitor.rows:
@@ -190,7 +335,7 @@ def train(cfg: DictConfig) -> dict | None:
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
         report = {
-            "strategies": [s.name for s in strategies] or ["none"],
+            "strategies": names,
             "recipe": recipe.name,
             "model": type(model).__name__,
             **summarize(monitor.rows, device=module.device),
@@ -199,16 +344,23 @@ def train(cfg: DictConfig) -> dict | None:
             "validation": validation,
             "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
             "strategy_report": {s.name: figures for s in strategies if (figures := s.report())},
+            "nonfinite_skipped_steps": run_control.skipped_steps,
+            "stopped": None if stopped is None else {
+                "reason": stopped.reason, "step": stopped.step, "exit_code": stopped.exit_code,
+                "checkpoint": str(stopped.checkpoint)},
             "run_dir": str(run_dir),
         }
         (run_dir / "strategies.json").write_text(json.dumps(
             {name: [t.__dict__ for t in plan] for name, plan in touched.items()}, indent=2) + "\n")
-        plot = plot_curve(monitor.rows, run_dir, f"{recipe.name}, strategy={'+'.join(report['strategies'])}")
+        plot = plot_curve(monitor.rows, run_dir, f"{recipe.name}, strategy={'+'.join(names)}")
         report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json"]
+        if (run_dir / "checkpoints" / "last.ckpt").exists():
+            report["files"].append("checkpoints/last.ckpt")
         write_report(report, run_dir)
         print(format_report(report))
         return report
     finally:
         monitor.close()
-        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+        run_control.restore_signal_handlers()
+        if hasattr(logger, "experiment") and is_wandb(cfg):
             logger.experiment.finish()  # else the runs of a multirun merge into one

@@ -19,11 +19,19 @@ from lowmem_train.errors import ConfigError
 from lowmem_train.recipe import ImageClassification
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DATASET_CLASSES = {"digits": 10, "cifar10": 10}
 
 
 class CifarResNet(ImageClassification):
     name = "cifar_resnet"
     data_sources = ("digits", "cifar10", "synthetic")
+
+    def __init__(self, model, data):
+        super().__init__(model, data)
+        classes, needed = model.get("num_classes"), DATASET_CLASSES.get(data.name, 1)
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < needed:
+            raise ConfigError(f"model.num_classes={classes} is fewer than the {needed} classes of data={data.name}; "
+                              f"set model.num_classes={needed}")
 
     def build_model(self) -> nn.Module:
         arch = self.model_cfg.get("arch")

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision import transforms
 
 from lowmem_train.data import make_loader, synthetic_images
-from lowmem_train.errors import ConfigError
+from lowmem_train.errors import ConfigError, one_line
 from lowmem_train.recipe import ImageClassification
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,10 +45,19 @@ class ImageNetResNet(ImageClassification):
                                        transforms.ToTensor(), normalize])
         val_tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                      transforms.ToTensor(), normalize])
-        train = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf)
+        train = image_folder(os.path.join(root, "train"), train_tf)
         if len(train.classes) > int(self.model_cfg.num_classes):
             raise ConfigError(f"data.root={root} has {len(train.classes)} classes but model.num_classes="
                               f"{self.model_cfg.num_classes}; set model.num_classes={len(train.classes)}")
         val_dir = os.path.join(root, "val")
-        val = torchvision.datasets.ImageFolder(val_dir, transform=val_tf) if os.path.isdir(val_dir) else None
+        val = image_folder(val_dir, val_tf) if os.path.isdir(val_dir) else None
         return make_loader(train, data, train=True), None if val is None else make_loader(val, data, train=False)
+
+
+def image_folder(path: str, transform) -> torchvision.datasets.ImageFolder:
+    """An ImageFolder tree, or a one-line ConfigError when it has no class folders or no images in them."""
+    try:
+        return torchvision.datasets.ImageFolder(path, transform=transform)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.root: {path} is not an ImageFolder tree ({one_line(exc)}); expected "
+                          f"{path}/<class>/<image>.jpg") from None

@@ -18,6 +18,7 @@ from torch import nn
 
 from lowmem_train.data import make_loader, split, synthetic_tokens
 from lowmem_train.errors import ConfigError, one_line
+from lowmem_train.hub import OFFLINE_COMMAND, hub_reachable, is_local
 from lowmem_train.recipe import Recipe, StepOutput
 
 
@@ -25,6 +26,12 @@ class LlamaFinetune(Recipe):
     name = "llama_finetune"
     data_sources = ("text", "synthetic")
     validation_metric = "val/loss"
+    dtypes = ("float32", "bfloat16", "float16")
+
+    def __init__(self, model, data):
+        super().__init__(model, data)
+        if (model.get("dtype") or "float32") not in self.dtypes:
+            raise ConfigError(f"model.dtype={model.get('dtype')} is not a weights dtype; valid: {', '.join(self.dtypes)}")
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -32,11 +39,13 @@ class LlamaFinetune(Recipe):
         path = self.model_cfg.get("name_or_path")
         dtype = getattr(torch, self.model_cfg.get("dtype") or "float32")
         if path:
+            offline = not is_local(path) and not hub_reachable()
             try:
                 return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             except OSError as exc:
-                raise ConfigError(f"model.name_or_path={path}: cannot load it ({one_line(exc)}); use a local "
-                                  "directory or model=llama_tiny") from None
+                reason = "the hub cannot be reached and it is not in the local cache" if offline else one_line(exc)
+                raise ConfigError(f"model.name_or_path={path}: cannot load it ({reason}); use a local directory, "
+                                  f"or offline: {OFFLINE_COMMAND}") from None
         return AutoModelForCausalLM.from_config(self.model_config(), dtype=dtype)
 
     def model_config(self):
@@ -45,6 +54,8 @@ class LlamaFinetune(Recipe):
 
         path = self.model_cfg.get("name_or_path")
         if path:
+            if not is_local(path):
+                hub_reachable()  # offline: fail at once instead of retrying
             return AutoConfig.from_pretrained(path)
         settings = self.model_cfg.get("config")
         if not settings:
@@ -69,7 +80,7 @@ class LlamaFinetune(Recipe):
         tokenizer_path = data.get("tokenizer") or self.model_cfg.get("name_or_path")
         if not tokenizer_path:
             raise ConfigError("data.tokenizer is required when model.name_or_path is not set (a tokenizer directory "
-                              "or hub id)")
+                              f"or hub id); a random-init model trains offline on data=synthetic: {OFFLINE_COMMAND}")
         if not data.get("path"):
             raise ConfigError("data.path is required: a datasets hub name (wikitext) or a builder for local files "
                               "(json, text) with data.data_files")
@@ -80,11 +91,21 @@ class LlamaFinetune(Recipe):
                        if isinstance(f, str) and "://" not in f and not os.path.exists(os.path.expanduser(f))]
             if missing:
                 raise ConfigError(f"data.data_files: {missing[0]} does not exist")
+            local = [f for f in ([data_files] if isinstance(data_files, str) else data_files) if is_local(f)]
+            if local and all(os.path.getsize(os.path.expanduser(f)) == 0 for f in local):
+                raise ConfigError(f"data.data_files: {local[0]} is empty")
+        if not (is_local(tokenizer_path) and (data_files or is_local(data.path))):
+            hub_reachable()  # offline: fail at once instead of retrying
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except OSError as exc:
+            raise ConfigError(f"tokenizer {tokenizer_path}: cannot load it ({one_line(exc)}); offline: "
+                              f"{OFFLINE_COMMAND}") from None
+        try:
             corpus = datasets.load_dataset(data.path, data.get("subset"), data_files=data_files, split=data.split)
-        except (OSError, ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"data.path={data.path}: cannot load ({one_line(exc)})") from None
+        except Exception as exc:  # datasets raises many types (missing files, offline hub, an empty or bad file)
+            raise ConfigError(f"data.path={data.path}: cannot load ({one_line(exc)}); offline: "
+                              f"{OFFLINE_COMMAND}") from None
         if data.text_field not in corpus.column_names:
             raise ConfigError(f"data.text_field={data.text_field} is not a column; columns: {corpus.column_names}")
         ids: list[int] = []

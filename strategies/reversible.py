@@ -52,6 +52,7 @@ class ReversibleOptions:
 
 class Reversible(Strategy):
     exact = False  # a different architecture: compare with the same converted model under plain autograd
+    changes_architecture = True
     order = 80  # a conversion of the blocks: before forward wrappers (order 90)
     incompatible_with = frozenset({"checkpoint", "selective_checkpoint"})  # nothing left to recompute
     Options = ReversibleOptions

@@ -30,10 +30,11 @@ def compose_config(*overrides: str, run_dir: Path | None = None):
     return cfg
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``lowmem-train ARGS`` as a user runs it (the installed console script), in ``cwd``."""
+def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``lowmem-train ARGS`` as a user runs it (the installed console script), in ``cwd``; ``env`` adds to
+    or replaces variables of this process's environment."""
     script = Path(sys.executable).with_name("lowmem-train")
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,153 @@
+"""Stopping a run cleanly and resuming it exactly: Ctrl-C / SIGTERM, non-finite losses and gradients.
+
+A stop (SIGINT or SIGTERM, or a non-finite loss or gradient with ``on_nonfinite=stop``) takes effect at the
+end of the optimizer step in progress: that step's memory row is written, ``checkpoints/last.ckpt`` is
+saved, and ``RunStopped`` ends ``trainer.fit``; ``train`` then writes the report and the CLI exits non-zero.
+A second Ctrl-C aborts at once.
+
+Exact resume: checkpoints hold the RNG states and the position in the epoch, and the train loader's
+``EpochShuffle`` sampler skips what was consumed, so a resumed run draws the batches and random numbers
+(dropout masks) the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from .data import EpochShuffle
+
+NONFINITE_MODES = ("stop", "skip", "off")
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+NONFINITE_EXIT_CODE = 3
+
+
+class RunStopped(Exception):
+    """Training ended before its last step; the checkpoint at ``checkpoint`` resumes it."""
+
+    def __init__(self, reason: str, step: int, exit_code: int, checkpoint: Path):
+        super().__init__(reason)
+        self.reason, self.step, self.exit_code, self.checkpoint = reason, step, exit_code, checkpoint
+
+
+class RunControl(L.Callback):
+    """Signals and the non-finite guard (``on_nonfinite``: stop, skip the step, or off), and the state that
+    makes a resumed run continue exactly. Place it after every strategy callback, so the checkpoint it saves
+    holds their state after the step."""
+
+    def __init__(self, run_dir: str | Path, train_loader, on_nonfinite: str = "stop"):
+        self.checkpoint_path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochShuffle) else None
+        self.batch_size = train_loader.batch_size
+        self.on_nonfinite = on_nonfinite
+        self.stop: tuple[str, int] | None = None  # (reason, exit code) once a stop is requested
+        self.skipped_steps = 0
+        self.position = (0, 0)  # (epoch, batches done in it), saved in checkpoints
+        self._rng_to_restore: dict | None = None
+        self._previous_handlers: dict = {}
+
+    # -- signals ---------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in EXIT_CODES:  # after Lightning's own handlers: they would raise mid-loop
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+
+    def on_train_end(self, trainer, pl_module):
+        self.restore_signal_handlers()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.restore_signal_handlers()
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now, without a report
+        self.stop = (f"interrupted by {signal.Signals(signum).name}", EXIT_CODES[signum])  # the step is added later
+
+    # -- non-finite guard ------------------------------------------------------------------------------
+    def admit_loss(self, trainer, loss: torch.Tensor) -> bool:
+        """False when the step must not run: its loss is not finite on some rank (then stop or skip)."""
+        if self.on_nonfinite == "off":
+            return True
+        finite = trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach()).all()), all=True)
+        if not finite:
+            self._nonfinite(trainer, "loss")
+        return finite
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.on_nonfinite == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's gradient scaler skips non-finite steps itself
+        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        if not named:
+            return  # step_in_backward: the gradients were consumed during backward
+        finite = bool(torch.stack([grad.isfinite().all() for _, grad in named]).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        first = next((name for name, grad in named if not grad.isfinite().all()), "another rank's parameters")
+        for p in pl_module.parameters():
+            p.grad = None  # the optimizer step then changes nothing
+        self._nonfinite(trainer, f"gradient of {first.removeprefix('model.')}")
+
+    def _nonfinite(self, trainer, what: str) -> None:
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        strategies = "+".join(s.name for s in trainer.lightning_module.strategies) or "none"
+        self.stop = (f"non-finite {what} at step {trainer.global_step + 1} (strategy={strategies}; "
+                     "on_nonfinite=skip skips such steps)", NONFINITE_EXIT_CODE)
+
+    # -- stopping at a step boundary, with a checkpoint -------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.position = (trainer.current_epoch, batch_idx + 1)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if not stepped or not trainer.strategy.reduce_boolean_decision(self.stop is not None, all=False):
+            return
+        reason, exit_code = self.stop or ("stopped by another rank", 1)
+        if exit_code != NONFINITE_EXIT_CODE:
+            reason += f" after step {trainer.global_step}"
+        if self.checkpoint_path.is_symlink():
+            self.checkpoint_path.unlink()  # ModelCheckpoint's last.ckpt link: do not write through it
+        trainer.save_checkpoint(self.checkpoint_path)
+        raise RunStopped(reason, trainer.global_step, exit_code, self.checkpoint_path)
+
+    def state_dict(self):
+        return {"rng": get_rng_state(), "position": self.position}
+
+    def load_state_dict(self, state_dict):
+        self._rng_to_restore = state_dict["rng"]
+        epoch, batches = state_dict["position"]
+        if self.sampler is not None:
+            self.sampler.epoch = epoch
+            self.sampler.resume_at = (epoch, batches * self.batch_size)
+
+
+def get_rng_state() -> dict:
+    """Every RNG a training step may draw from, as types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
