@@ -23,7 +23,6 @@ import torch
 
 from .data import EpochShuffle
 
-NONFINITE_MODES = ("stop", "skip", "off")
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NONFINITE_EXIT_CODE = 3
 
