@@ -469,7 +469,6 @@ class CompressStage:
         self.class_bits = allocate_bits(variance, dict(probe.values), self.bits)
         return self.class_bits
 
-
     # --- adaptive mode in a plain loop: calibrate on the model's own steps
 
     def tap_output(self, model: nn.Module, args, kwargs, output):
@@ -792,7 +791,8 @@ def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
 
     ``model`` is the compressed model or a module containing it (a LightningModule). The Lightning
     callback calls it every ``adapt_every`` steps; in a plain loop the stage calls it after every
-    ``adapt_every``-th training step, on that step's batch (calling it directly works too). Buffers (batch-norm statistics), ``.grad`` and the model's random stream are left unchanged.
+    ``adapt_every``-th training step, on that step's batch (calling it directly works too). Buffers
+    (batch-norm statistics), ``.grad`` and the model's random stream are left unchanged.
     Returns the bits chosen per (module family, slot index).
     """
     stages = _stages(model)
