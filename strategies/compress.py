@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
 from lowmem_train.bitpack import pack_bits, pack_mask, unpack_bits, unpack_mask
+from lowmem_train.saved_tensors import _ACTIVE_METERS
 from lowmem_train.targets import matches
 
 BITS = (2, 4, 8)
@@ -501,7 +502,11 @@ class CompressStage:
                        if isinstance(leaf, Tensor) and leaf.requires_grad]
             return sum((o * g).sum() for o, g in zip(outputs, gradients) if g is not None)
 
-        calibrate(model, surrogate_loss)
+        meters = _ACTIVE_METERS.set(())  # a meter around this forward counts what it keeps, not the passes
+        try:
+            calibrate(model, surrogate_loss)
+        finally:
+            _ACTIVE_METERS.reset(meters)
 
 
 class _OutputGradients(torch.autograd.Function):

@@ -321,7 +321,8 @@ def test_adaptive_calibrates_itself_in_a_plain_loop_from_the_users_own_loss():
     stage_ = lossy._lowmem_saved_tensor_stages[0]
     first = grads(lossy, "transformer", batch)  # uncalibrated: uniform bits, its output gradient kept
     assert stage_.class_bits == {} and all(torch.equal(first[n], g) for n, g in grads(uniform, "transformer", batch).items())
-    got = grads(lossy, "transformer", batch)  # calibrates before this forward
+    with SavedBytesMeter(lossy) as calibrating:
+        got = grads(lossy, "transformer", batch)  # calibrates before this forward
     direct = compressed(model, bits=2, min_numel=256, adaptive=True)
     assert stage_.class_bits == C.calibrate(direct, lambda: loss_of("transformer", direct, batch))
     assert len(set(stage_.class_bits.values())) > 1
@@ -331,8 +332,10 @@ def test_adaptive_calibrates_itself_in_a_plain_loop_from_the_users_own_loss():
     cos = cosines(got, expected)
     assert sum(cos.values()) / len(cos) >= 0.55  # the 2-bit bound of test_gradient_cosine_per_layer
     assert stage_._tapped is None
-    grads(lossy, "transformer", batch)  # the third step is tapped (adapt_every=2): the fourth recalibrates
+    with SavedBytesMeter(lossy) as tapped:
+        grads(lossy, "transformer", batch)  # the third step is tapped (adapt_every=2): the fourth recalibrates
     assert stage_._tapped is not None and stage_._tapped[2]
+    assert calibrating.bytes == tapped.bytes  # the calibration passes are not the step's saved activations
 
 
 def test_calibration_leaves_buffers_rng_and_grads_alone():
