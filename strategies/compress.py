@@ -468,14 +468,16 @@ class CompressStage:
                              for b in ADAPTIVE_BITS}
             variance[cls][1] = at_one
         self.class_bits = allocate_bits(variance, dict(probe.values), self.bits)
+        self._tapped, self._training_forwards = None, 1  # a plain loop's next calibration: adapt_every steps on
         return self.class_bits
 
     # --- adaptive mode in a plain loop: calibrate on the model's own steps
 
     def tap_output(self, model: nn.Module, args, kwargs, output):
-        """Every ``adapt_every``-th training forward: route the outputs through an identity whose backward
-        keeps the loss's gradient w.r.t. each output, so the next forward can calibrate on this batch
-        with the user's own loss (``sum(output * gradient)`` has the same parameter gradients)."""
+        """Every ``adapt_every``-th training forward since the last calibration (the first when there was
+        none): route the outputs through an identity whose backward keeps the loss's gradient w.r.t. each
+        output, so the next forward can calibrate on this batch with the user's own loss
+        (``sum(output * gradient)`` has the same parameter gradients)."""
         if not self.loop_calibration or self._probe is not None or not torch.is_grad_enabled():
             return None
         self._training_forwards += 1

@@ -326,6 +326,8 @@ def test_adaptive_calibrates_itself_in_a_plain_loop_from_the_users_own_loss():
     direct = compressed(model, bits=2, min_numel=256, adaptive=True)
     assert stage_.class_bits == C.calibrate(direct, lambda: loss_of("transformer", direct, batch))
     assert len(set(stage_.class_bits.values())) > 1
+    grads(direct, "transformer", batch)  # calibrated explicitly: the next calibration is adapt_every steps on
+    assert direct._lowmem_saved_tensor_stages[0]._tapped is None
     uniform_grads = grads(uniform, "transformer", batch)
     assert not all(torch.equal(got[n], uniform_grads[n]) for n in got)
     assert relative_error(got, expected) < relative_error(uniform_grads, expected) / 2
