@@ -1,4 +1,4 @@
-"""Low-memory optimizers for the ``optimizer`` config group: quantized AdamW states and GaLore.
+"""Low-memory optimizers for the ``optimizer`` config group: quantized AdamW states, matrix Adafactor, GaLore.
 
 ``configs/optimizer/*.yaml`` name these by ``_target_``. ``quantized_adamw`` is called when the config is
 validated (no ``_partial_``), so a missing optional package is a one-line ConfigError before the run starts;
@@ -60,6 +60,42 @@ def quantized_adamw(
         if block_size is not None:
             raise ConfigError("optimizer.block_size is fixed by bitsandbytes (256); set it to null")
     return functools.partial(cls, **kwargs)
+
+
+class MatrixAdafactor(torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` factoring every tensor of >= 2 dims as the matrix (dim 0, all other dims).
+
+    torch factors only the last two dims, so a conv weight (out, in, k, k) keeps out * in * 2k state values
+    (2.75 bytes/param on ResNet-18); as a matrix (out, in*k*k) it keeps out + in*k*k. The update is
+    torch's, applied to the (out, in*k*k) view; 1-D tensors keep a full second moment as in torch.
+    """
+
+    def __init__(self, params, *, eps: Sequence[float | None] = (None, 1e-3), **kwargs):
+        # A tuple, not Hydra's ListConfig: the param groups go into checkpoints loaded with weights_only.
+        super().__init__(params, eps=tuple(eps), **kwargs)
+
+    def _init_group(self, group, params_with_grad, grads, row_vars, col_vars, variances, state_steps) -> bool:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if torch.is_complex(p) or p.grad.is_sparse:
+                raise RuntimeError("MatrixAdafactor needs real parameters with dense gradients")
+            state = self.state[p]
+            param, grad = (p.view(p.shape[0], -1), p.grad.reshape(p.shape[0], -1)) if p.dim() > 1 else (p, p.grad)
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                if p.dim() > 1:
+                    state["row_var"] = grad.new_zeros(grad.shape[0], 1)
+                    state["col_var"] = grad.new_zeros(1, grad.shape[1])
+                else:
+                    state["variance"] = torch.zeros_like(grad)
+            params_with_grad.append(param)
+            grads.append(grad)
+            row_vars.append(state.get("row_var"))
+            col_vars.append(state.get("col_var"))
+            variances.append(state.get("variance"))
+            state_steps.append(state["step"])
+        return False  # no complex parameters
 
 
 class GaLoreAdamW(torch.optim.Optimizer):

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 
@@ -28,6 +29,24 @@ def frozen_norm_statistics(module: nn.Module):
             for norm, (momentum, batches) in zip(norms, saved):
                 norm.momentum = momentum
                 norm.num_batches_tracked.copy_(batches)
+
+
+def is_kv_cache(value) -> bool:
+    """A Hugging Face key/value cache (``DynamicCache``...), state that each call of a layer appends to."""
+    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
+
+
+def without_kv_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with every key/value cache replaced by None.
+
+    A layer run again (recomputation, profiling) would append its keys and values to the cache once more,
+    so the rerun attends over a longer sequence than the forward did: training with recomputation runs
+    without the cache, as Hugging Face's own gradient checkpointing does.
+    """
+    leaves, spec = tree_flatten((args, kwargs))
+    if not any(is_kv_cache(leaf) for leaf in leaves):
+        return args, kwargs
+    return tree_unflatten([None if is_kv_cache(leaf) else leaf for leaf in leaves], spec)
 
 
 def checkpointed_call(module: nn.Module, forward, *args, recompute_guard=frozen_norm_statistics,

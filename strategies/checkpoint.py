@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, Touch, outermost, repeated_blocks, select_modules
-from lowmem_train.recompute import checkpointed_call
+from lowmem_train.recompute import checkpointed_call, without_kv_cache
 
 
 @dataclass
@@ -56,4 +56,5 @@ def checkpoint_module(module: nn.Module) -> None:
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return self._lowmem_inner_forward(*args, **kwargs)
+    args, kwargs = without_kv_cache(args, kwargs)
     return checkpointed_call(self, self._lowmem_inner_forward, *args, **kwargs)

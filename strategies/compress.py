@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
 from lowmem_train.bitpack import pack_bits, pack_mask, unpack_bits, unpack_mask
+from lowmem_train.saved_tensors import _ACTIVE_METERS
 from lowmem_train.targets import matches
 
 BITS = (2, 4, 8)
@@ -50,7 +52,7 @@ class CompressOptions:
     exclude: list[str] = field(default_factory=list)  # module classes / name regexes kept exact (subtree)
     min_numel: int = 1024  # smaller saved tensors are kept as they are
     adaptive: bool = False  # per-tensor bits (1/2/4/8) by measured sensitivity, averaging `bits`
-    adapt_every: int = 1000  # optimizer steps between two calibrations (adaptive mode, Lightning callback)
+    adapt_every: int = 1000  # steps between two calibrations (adaptive mode; training forwards in a plain loop)
     seed: int = 0  # seed of the strategy's own stochastic-rounding generators
 
     def validate(self, strategy: str) -> None:
@@ -285,6 +287,9 @@ class CompressStage:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._probe: _Probe | None = None
         self._in_forward = False  # not during a checkpoint's recomputation in backward
+        self.loop_calibration = options.adaptive  # off under the Lightning trainer: its callback calibrates
+        self._training_forwards = 0
+        self._tapped = None  # (args, kwargs, output gradients) of a step to calibrate on
 
     # --- forward bracketing, called from module hooks
 
@@ -463,7 +468,62 @@ class CompressStage:
                              for b in ADAPTIVE_BITS}
             variance[cls][1] = at_one
         self.class_bits = allocate_bits(variance, dict(probe.values), self.bits)
+        self._tapped, self._training_forwards = None, 1  # a plain loop's next calibration: adapt_every steps on
         return self.class_bits
+
+    # --- adaptive mode in a plain loop: calibrate on the model's own steps
+
+    def tap_output(self, model: nn.Module, args, kwargs, output):
+        """Every ``adapt_every``-th training forward since the last calibration (the first when there was
+        none): route the outputs through an identity whose backward keeps the loss's gradient w.r.t. each
+        output, so the next forward can calibrate on this batch with the user's own loss
+        (``sum(output * gradient)`` has the same parameter gradients)."""
+        if not self.loop_calibration or self._probe is not None or not torch.is_grad_enabled():
+            return None
+        self._training_forwards += 1
+        if (self._training_forwards - 1) % self.options.adapt_every:
+            return None
+        leaves, spec = tree_flatten(output)
+        at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad]
+        if not at:
+            return None
+        gradients: list = []
+        self._tapped = (args, kwargs, gradients)
+        for i, tapped in zip(at, _OutputGradients.apply(gradients, *(leaves[i] for i in at))):
+            leaves[i] = tapped
+        return tree_unflatten(leaves, spec)
+
+    def calibrate_if_due(self, model: nn.Module, args, kwargs) -> None:
+        """Forward pre-hook: calibrate on the tapped step once its backward has run."""
+        if self._probe is not None or self._tapped is None or not self._tapped[2]:
+            return
+        (tapped_args, tapped_kwargs, gradients), self._tapped = self._tapped, None
+
+        def surrogate_loss():
+            outputs = [leaf for leaf in tree_flatten(model(*tapped_args, **tapped_kwargs))[0]
+                       if isinstance(leaf, Tensor) and leaf.requires_grad]
+            return sum((o * g).sum() for o, g in zip(outputs, gradients) if g is not None)
+
+        meters = _ACTIVE_METERS.set(())  # a meter around this forward counts what it keeps, not the passes
+        try:
+            calibrate(model, surrogate_loss)
+        finally:
+            _ACTIVE_METERS.reset(meters)
+
+
+class _OutputGradients(torch.autograd.Function):
+    """Identity on the model's outputs; backward records the gradient of the loss w.r.t. each output."""
+
+    @staticmethod
+    def forward(ctx, record: list, *outputs):
+        ctx.record = record
+        ctx.set_materialize_grads(False)
+        return tuple(o.view_as(o) for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.record[:] = [None if g is None else g.detach() for g in grads]
+        return (None, *grads)
 
 
 def allocate_bits(variance: dict, values: dict, bits: int, resolution: int = 4096) -> dict:
@@ -711,8 +771,12 @@ class Compress(Strategy):
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         stage = self.stage
         scopes = module_scopes(model, self.options.layers, self.options.exclude)
+        if self.options.adaptive:  # before the stage's own hooks: calibration runs whole forwards
+            model.register_forward_pre_hook(stage.calibrate_if_due, with_kwargs=True)
         model.register_forward_pre_hook(stage.begin_forward)
         model.register_forward_hook(stage.end_forward, always_call=True)
+        if self.options.adaptive:
+            model.register_forward_hook(stage.tap_output, with_kwargs=True)
         for name, module in model.named_modules():
             scope = scopes[name]
             module.register_forward_pre_hook(functools.partial(stage.enter, scope))
@@ -732,13 +796,13 @@ class Compress(Strategy):
 def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
     """Adaptive mode: allocate bits per slot class from the batch that ``loss_fn()`` computes the loss of.
 
-    ``model`` is the compressed model or a module containing it (a LightningModule). Plain training
-    loops call this every few thousand steps; the Lightning callback does it every ``adapt_every``
-    steps. Buffers (batch-norm statistics), ``.grad`` and the model's random stream are left unchanged.
+    ``model`` is the compressed model or a module containing it (a LightningModule). The Lightning
+    callback calls it every ``adapt_every`` steps; in a plain loop the stage calls it after every
+    ``adapt_every``-th training step, on that step's batch (calling it directly works too). Buffers
+    (batch-norm statistics), ``.grad`` and the model's random stream are left unchanged.
     Returns the bits chosen per (module family, slot index).
     """
-    stages = [stage for module in model.modules() for stage in getattr(module, "_lowmem_saved_tensor_stages", [])
-              if isinstance(stage, CompressStage)]
+    stages = _stages(model)
     if not stages:
         raise StrategyError("calibrate: strategy 'compress' is not applied to this model")
     buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
@@ -760,6 +824,11 @@ def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
                     buffer.copy_(saved)
 
 
+def _stages(model: nn.Module) -> list[CompressStage]:
+    return [stage for module in model.modules() for stage in getattr(module, "_lowmem_saved_tensor_stages", [])
+            if isinstance(stage, CompressStage)]
+
+
 def _recalibrate_callback(every: int):
     """A Lightning callback that calibrates on the current batch every ``every`` optimizer steps."""
     from lightning.pytorch import Callback
@@ -769,6 +838,8 @@ def _recalibrate_callback(every: int):
             self.last_step = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            for stage in _stages(pl_module):
+                stage.loop_calibration = False  # this callback calibrates, before the step
             step = trainer.global_step
             if step % every or step == self.last_step:
                 return

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
-from lowmem_train.recompute import frozen_norm_statistics
+from lowmem_train.recompute import frozen_norm_statistics, is_kv_cache
 
 
 @dataclass
@@ -137,11 +137,6 @@ class _Position:
     last: bool
 
 
-def _is_cache(value: Any) -> bool:
-    """A Hugging Face key/value cache (``DynamicCache``...), state that each call of a layer appends to."""
-    return type(value).__name__.endswith("Cache") and hasattr(value, "update")
-
-
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -166,7 +161,7 @@ def _reversible_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs):
                             "requires grad; only the hidden state may carry gradients through a reversible stack")
     # The closure outlives the forward (backward calls it): it holds no tensor, those go through the ctx.
     # A key/value cache would be appended to again by the recomputation: training runs without it.
-    template = [None if isinstance(leaf, torch.Tensor) or (_is_cache(leaf) and torch.is_grad_enabled()) else leaf
+    template = [None if isinstance(leaf, torch.Tensor) or (is_kv_cache(leaf) and torch.is_grad_enabled()) else leaf
                 for leaf in leaves]
     returns_tuple = False
 

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import (
 )
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
-from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics
+from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics, without_kv_cache
 from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, model_state_storages
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,8 @@ def selective_checkpoint_module(module: nn.Module, planner: _Planner, name: str)
 def _selective_forward(self: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return self._lowmem_inner_forward(*args, **kwargs)
+    # Profiling and recomputation run the block again: a key/value cache would grow with every run.
+    args, kwargs = without_kv_cache(args, kwargs)
     planner = self._lowmem_sac_planner
     decision = planner.decisions.get(self._lowmem_sac_name)
     if decision is None and planner.census is not None and self._lowmem_sac_name not in planner.profiles:

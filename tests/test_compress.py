@@ -18,7 +18,7 @@ from lowmem_train.saved_tensors import iter_tensors
 from lowmem_train.strategies import compress as C
 from tiny_models import MODELS, loss_of, tiny_llama_config
 
-# compress acts on the loop only with adaptive=True (its calibration callback); plain loops call calibrate
+# adaptive=True calibrates by itself in a plain loop; under the trainer its callback calibrates instead
 
 
 def compressed(model, **options):
@@ -308,6 +308,38 @@ def test_adaptive_calibration_beats_uniform_bits_at_the_same_budget():
     assert used <= 2 * sum(probe.values.values())
 
 
+def test_adaptive_calibrates_itself_in_a_plain_loop_from_the_users_own_loss():
+    """apply_strategies with adaptive=True was a no-op outside the trainer (issue 16): now the step after
+    every ``adapt_every``-th training step calibrates on that step's batch and loss."""
+    build, make_batch = MODELS["transformer"]
+    torch.manual_seed(0)
+    model = build()
+    batch = make_batch()
+    expected = grads(model, "transformer", batch)
+    uniform = compressed(model, bits=2, min_numel=256)
+    lossy = compressed(model, bits=2, min_numel=256, adaptive=True, adapt_every=2)
+    stage_ = lossy._lowmem_saved_tensor_stages[0]
+    first = grads(lossy, "transformer", batch)  # uncalibrated: uniform bits, its output gradient kept
+    assert stage_.class_bits == {} and all(torch.equal(first[n], g) for n, g in grads(uniform, "transformer", batch).items())
+    with SavedBytesMeter(lossy) as calibrating:
+        got = grads(lossy, "transformer", batch)  # calibrates before this forward
+    direct = compressed(model, bits=2, min_numel=256, adaptive=True)
+    assert stage_.class_bits == C.calibrate(direct, lambda: loss_of("transformer", direct, batch))
+    assert len(set(stage_.class_bits.values())) > 1
+    grads(direct, "transformer", batch)  # calibrated explicitly: the next calibration is adapt_every steps on
+    assert direct._lowmem_saved_tensor_stages[0]._tapped is None
+    uniform_grads = grads(uniform, "transformer", batch)
+    assert not all(torch.equal(got[n], uniform_grads[n]) for n in got)
+    assert relative_error(got, expected) < relative_error(uniform_grads, expected) / 2
+    cos = cosines(got, expected)
+    assert sum(cos.values()) / len(cos) >= 0.55  # the 2-bit bound of test_gradient_cosine_per_layer
+    assert stage_._tapped is None
+    with SavedBytesMeter(lossy) as tapped:
+        grads(lossy, "transformer", batch)  # the third step is tapped (adapt_every=2): the fourth recalibrates
+    assert stage_._tapped is not None and stage_._tapped[2]
+    assert calibrating.bytes == tapped.bytes  # the calibration passes are not the step's saved activations
+
+
 def test_calibration_leaves_buffers_rng_and_grads_alone():
     build, make_batch = MODELS["cnn"]
     torch.manual_seed(0)
@@ -346,6 +378,7 @@ def test_lightning_callback_calibrates_every_adapt_every_steps_without_logging()
         stage_.class_bits = {}
         callback.on_train_batch_start(types.SimpleNamespace(global_step=step), module, batch, 0)
         assert bool(stage_.class_bits) == (step % 3 == 0)
+        assert not stage_.loop_calibration and stage_._tapped is None  # the loop's own calibration is off
     assert module.logged == [] and "log" not in module.__dict__
 
 

@@ -14,7 +14,7 @@ from lowmem_train import ConfigError, StrategyError
 from lowmem_train.memory import optimizer_state_bytes, tensor_bytes
 from lowmem_train.optimizers import GaLoreAdamW
 from lowmem_train.saved_tensors import iter_tensors
-from lowmem_train.training import instantiate_choice, train
+from lowmem_train.training import build_recipe, instantiate_choice, train
 
 TINY = ("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=16", "data.batch_size=4",
         "data.num_samples=16", "trainer.max_epochs=5", "model.config.hidden_size=32",
@@ -109,6 +109,47 @@ def test_adafactor_state_is_rows_plus_columns():
     matrices = [p for p in model.parameters() if p.dim() == 2]
     factored = sum(4 * (p.shape[0] + p.shape[1]) for p in matrices)
     assert matrices_bytes_per_param(model, optimizer) * sum(p.numel() for p in matrices) == factored
+
+
+@pytest.mark.parametrize("overrides", [(), TINY], ids=["resnet18_cifar", "llama_tiny"])
+def test_adafactor_factors_conv_weights_as_matrices_and_resumes_exactly(overrides):
+    """torch.optim.Adafactor factors only a conv weight's last two dims (k x k): 2.75 bytes/param on
+    ResNet-18 (issue 16). Every tensor of >= 2 dims is now an (out, in*k*k) matrix."""
+    cfg = compose_config("optimizer=adafactor", *overrides)
+    torch.manual_seed(0)
+    model = build_recipe(cfg).build_model()
+    factory = instantiate_choice(cfg, "optimizer")
+    optimizer = factory(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    if overrides:
+        batch = torch.randint(0, 96, (4, 16), generator=generator)
+        loss_fn = lambda m: m(input_ids=batch, labels=batch, use_cache=False).loss  # noqa: E731
+    else:
+        x, y = torch.randn(8, 3, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+        loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+
+    def step(m, opt):
+        loss = loss_fn(m)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.item()
+
+    losses = [step(model, optimizer) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert bytes_per_param(model, optimizer) <= 0.5
+    for p in model.parameters():
+        if p.dim() > 1:
+            state = optimizer.state[p]
+            assert state["row_var"].shape == (p.shape[0], 1) and state["col_var"].shape == (1, p[0].numel())
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    resumed_model = copy.deepcopy(model)
+    resumed = factory(resumed_model.parameters())
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    assert step(resumed_model, resumed) == step(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
 def test_galore_state_and_update_live_in_the_projected_subspace():

@@ -6,11 +6,11 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies
 from lowmem_train.strategies.selective_checkpoint import block_decisions
-from tiny_models import TinyResNet, tiny_llama_config
+from tiny_models import TinyResNet, cnn_batch, tiny_cnn, tiny_llama_config
 
 
 def bytes_and_grads(model, loss_fn):
@@ -52,6 +52,40 @@ def test_llama_budget_half_stores_at_most_half_of_none_with_identical_grads():
         assert decision.stored_bytes < decision.none_bytes
         assert decision.stored_keys, "a half budget leaves room to store some outputs"
         assert decision.recompute_seconds < decision.full_recompute_seconds
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64))
+    ids = torch.randint(0, 128, (2, 32))
+    return model.train(), lambda m: m(input_ids=ids, labels=ids).loss  # use_cache defaults to True
+
+
+def tiny_llama_with_cache():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (2, 32))
+    return LlamaForCausalLM(tiny_llama_config()).train(), lambda m: m(input_ids=ids, labels=ids).loss
+
+
+def tiny_cnn_loss():
+    torch.manual_seed(0)
+    x, y = cnn_batch(8)
+    return tiny_cnn().train(), lambda m: nn.functional.cross_entropy(m(x), y)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama_with_cache, tiny_cnn_loss])
+def test_half_budget_in_a_plain_loop_matches_plain_backprop_with_a_kv_cache_in_the_forward(make):
+    """A KV cache passed to the blocks was appended to again by profiling and recomputation (issue 16)."""
+    model, loss_fn = make()
+    none_bytes, expected = bytes_and_grads(model, loss_fn)
+    converted = apply_strategies(copy.deepcopy(model), {"selective_checkpoint": {"memory_budget": 0.5}})
+    for step in range(3):  # the first forward profiles and decides, later ones store as decided
+        converted.zero_grad()
+        got_bytes, got = bytes_and_grads(converted, loss_fn)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=f"step {step}: {name}")
+    assert got_bytes <= 0.5 * none_bytes, got_bytes / none_bytes
+    assert any(d.stored_keys for d in block_decisions(converted))
 
 
 def test_resnet_inplace_relu_and_batch_norm_buffers_match_plain_backprop():
