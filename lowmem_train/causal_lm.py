@@ -69,14 +69,22 @@ def unsupported_reason(model: nn.Module) -> str | None:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if config is None or output is None:
         return f"{type(model).__name__} is not a causal language model (no output embedding)"
-    if getattr(model, "base_model", model) is model:
-        return f"{type(model).__name__} has no separate decoder (base_model) to run to the last hidden states"
+    if decoder_of(model) is model:
+        return f"{type(model).__name__} has no separate decoder to run to the last hidden states"
     if not isinstance(getattr(output, "weight", None), torch.Tensor) or output.weight.dim() != 2:
         return f"its output embedding {type(output).__name__} has no 2-D weight"
     for key in UNSUPPORTED_LOGIT_KEYS:
         if getattr(config, key, None) is not None:
             return f"{type(model).__name__} rescales its hidden states or logits (config {key}), which is not supported"
     return None
+
+
+def decoder_of(causal_lm: nn.Module) -> nn.Module:
+    """The module that returns the last hidden states: ``get_decoder()`` (which also sees through a PEFT
+    wrapper to the adapted decoder), else Hugging Face's ``base_model``."""
+    if hasattr(causal_lm, "get_decoder"):
+        return causal_lm.get_decoder()
+    return getattr(causal_lm, "base_model", causal_lm)
 
 
 def logit_settings(config) -> LogitSettings:
@@ -149,7 +157,7 @@ class CausalLMLossHead(nn.Module):
 def loss_forward(causal_lm: nn.Module, head: nn.Module, labels: torch.Tensor, **inputs) -> LossHeadOutput:
     """Decoder to the last hidden states, then the loss head (the output embedding passed, not owned)."""
     inputs.setdefault("use_cache", False)
-    hidden = causal_lm.base_model(**inputs).last_hidden_state
+    hidden = decoder_of(causal_lm)(**inputs).last_hidden_state
     return head(hidden, labels, causal_lm.get_output_embeddings())
 
 

@@ -254,3 +254,23 @@ def test_cli_refuses_a_non_language_model_recipe_before_training(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("lowmem-train: error:")]
     assert len(errors) == 1 and "strategy 'chunked_ce': ResNet is not a causal language model" in errors[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lora_wrapped_models_keep_the_chunked_loss(kind):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"],
+                      init_lora_weights=False)
+    plain = get_peft_model(MODELS[kind](), lora)
+    ids, labels = batch(masked=True)
+    expected = loss_and_grads(plain, lambda m: m(input_ids=ids, labels=labels).loss)
+    loop = apply_strategies(copy.deepcopy(plain), "chunked_ce")  # PEFT around the causal LM, in a plain loop
+    assert_equal_to_plain(expected, loss_and_grads(loop, lambda m: m(input_ids=ids, labels=labels).loss))
+    wrapped = CausalLMWithLossHead(MODELS[kind]())
+    wrapped.causal_lm = get_peft_model(wrapped.causal_lm, lora)  # PEFT inside the recipe's model
+    wrapped.causal_lm.load_state_dict(plain.state_dict())
+    apply_strategies(wrapped, "chunked_ce")
+    output = wrapped(input_ids=ids, labels=labels)
+    torch.testing.assert_close(output.per_sample_loss.sum() / output.per_sample_count.sum(), expected[0])
