@@ -195,13 +195,11 @@ class CausalLMWithLossHead(nn.Module):
         return loss_forward(self.causal_lm, self.loss_head, labels, input_ids=input_ids, **inputs)
 
 
-def find_loss_head(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """The causal LM a loss head serves and the head's module name ('' if it has none yet), or None."""
+def causal_lm_of(model: nn.Module) -> nn.Module | None:
+    """The causal LM whose loss a head of ``model`` computes (the recipe's wrapper or a bare one), or None."""
     if isinstance(model, CausalLMWithLossHead):
-        return model.causal_lm, "loss_head"
-    if unsupported_reason(model) is None:
-        return model, "loss_head" if "loss_head" in model._modules else ""
-    return None
+        return model.causal_lm
+    return model if unsupported_reason(model) is None else None
 
 
 def set_loss_head(model: nn.Module, head: nn.Module) -> None:

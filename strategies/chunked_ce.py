@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch
-from lowmem_train.causal_lm import (IGNORE_INDEX, LogitSettings, LossHeadOutput, find_loss_head, logit_settings,
+from lowmem_train.causal_lm import (IGNORE_INDEX, LogitSettings, LossHeadOutput, causal_lm_of, logit_settings,
                                     per_sample, set_loss_head, shifted_targets, statistics_wanted, token_statistics,
                                     transform_logits, unsupported_reason)
 
@@ -143,19 +143,18 @@ class ChunkedCE(Strategy):
     summary = "causal-LM loss from the hidden states in chunks of tokens: no batch x seq x vocab logits"
 
     def plan(self, model: nn.Module) -> list[Touch]:
-        found = find_loss_head(model)
-        if found is None:
+        causal_lm = causal_lm_of(model)
+        if causal_lm is None:
             raise StrategyError(f"strategy '{self.name}': {unsupported_reason(model)}; it needs a Hugging Face "
                                 "*ForCausalLM (recipe=llama_finetune)")
-        causal_lm, head_name = found
         weight = causal_lm.get_output_embeddings().weight
         settings = logit_settings(causal_lm.config)
         native = ChunkedCrossEntropyHead(settings, self.options.chunk_size, self.options.native).native
         action = (f"chunked cross-entropy over {tuple(weight.shape)} output embedding, {self.options.chunk_size} "
                   f"tokens per chunk ({'torch linear_cross_entropy' if native else 'ChunkedLinearCrossEntropy'})")
-        return [Touch(head_name or "loss_head", "loss head", action)]
+        return [Touch("loss_head", "loss head", action)]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
-        causal_lm, _ = find_loss_head(model)
+        causal_lm = causal_lm_of(model)
         set_loss_head(model, ChunkedCrossEntropyHead(logit_settings(causal_lm.config), self.options.chunk_size,
                                                      self.options.native))
