@@ -62,8 +62,9 @@ class TrainingModule(L.LightningModule):
         """Score the whole batch without a graph and let the selecting strategies choose the samples to
         back-propagate; the training forward then runs on those only, batch-norm statistics frozen.
 
-        The scoring pass updates batch-norm running statistics from the whole batch, and runs on a forked
-        RNG, so it draws no dropout masks from the model's stream.
+        The scoring pass updates batch-norm running statistics from the whole batch, runs on a forked RNG, so
+        it draws no dropout masks from the model's stream, and asks loss heads for per-sample statistics
+        (``StepOutput.sample_stats``) where the model has no logits to give.
         """
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=cuda), sample_statistics():
