@@ -109,6 +109,8 @@ class ChunkedCrossEntropyHead(nn.Module):
         self.native = native and settings.softcap is None and hasattr(nn.functional, "linear_cross_entropy")
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, output_embeddings: nn.Module) -> LossHeadOutput:
+        if labels.shape != hidden.shape[:2]:  # torch's op would not notice
+            raise ValueError(f"labels of shape {tuple(labels.shape)} for hidden states {tuple(hidden.shape)}")
         targets = shifted_targets(labels)
         flat, flat_targets = hidden.flatten(0, 1), targets.flatten()
         weight, bias = output_embeddings.weight, getattr(output_embeddings, "bias", None)

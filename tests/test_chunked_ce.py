@@ -12,7 +12,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
 from conftest import compose_config, run_cli
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
 from lowmem_train.causal_lm import CausalLMWithLossHead, LogitSettings, sample_statistics
-from lowmem_train.strategies.chunked_ce import ChunkedLinearCrossEntropy
+from lowmem_train.strategies.chunked_ce import ChunkedCrossEntropyHead, ChunkedLinearCrossEntropy
 from lowmem_train.training import TrainingModule, build_recipe
 from strategy_settings import STRATEGY_SETTINGS
 from tiny_models import tiny_cnn
@@ -111,6 +111,15 @@ def test_bf16_accumulates_in_fp32():
     nn.functional.cross_entropy(exact @ weight.T, targets, reduction="sum").backward()
     cosine = nn.functional.cosine_similarity(low[0].grad.float().flatten(), exact.grad.flatten(), dim=0)
     assert low[0].grad.dtype == torch.bfloat16 and cosine > 0.999
+    embeddings = nn.Linear(32, VOCAB, bias=False).bfloat16()
+    with torch.no_grad():
+        embeddings.weight.copy_(low[1])
+    head = ChunkedCrossEntropyHead(LogitSettings(), chunk_size=16, native=True)  # torch's op: bf16 per-token losses
+    labels = torch.cat([targets[:1], targets]).unsqueeze(0)  # shifted by the head: ``targets``, then none
+    padded = torch.cat([low[0].detach(), low[0].new_zeros(1, 32)]).unsqueeze(0)  # the position without a target
+    native = head(padded, labels, embeddings)
+    assert head.native and native.per_sample_loss.dtype == torch.float32
+    torch.testing.assert_close(native.per_sample_loss, own.detach().sum().unsqueeze(0), rtol=5e-3, atol=0)
 
 
 def llama_recipe(*overrides):
