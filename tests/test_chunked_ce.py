@@ -208,7 +208,7 @@ def test_logit_grad_norm_is_the_norm_of_the_sample_loss_gradient():
 
 
 @pytest.mark.parametrize("other", ["checkpoint", "selective_checkpoint", "compress", "approx_bp", "offload",
-                                   "velora", "skip_backward"])
+                                   "velora", "skip_backward", "compile"])
 def test_composes_with_other_strategies(other):
     torch.manual_seed(0)
     plain = MODELS["llama"]()
