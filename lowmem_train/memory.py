@@ -79,7 +79,7 @@ class MemoryMonitor(L.Callback):
         output = pl_module.last_output
         row = {
             "step": trainer.global_step,
-            "loss": float(output.per_sample_loss.detach().mean()),  # the whole batch's, also when a strategy selects samples
+            "loss": float(output.mean_loss()),  # per target token of the whole batch, also when samples are selected
             "activation_bytes": pl_module.activation_bytes,
             "param_bytes": tensor_bytes(pl_module.parameters()),
             "grad_bytes": self._grad_bytes,

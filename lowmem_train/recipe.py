@@ -21,12 +21,31 @@ from .errors import ConfigError
 
 @dataclass
 class StepOutput:
-    """A training forward: per-sample losses (reduced by the trainer or a strategy) and the logits."""
+    """A training forward, reduced by the trainer as ``sum(per_sample_loss) / sum(per_sample_count)``.
+
+    ``per_sample_loss`` is each sample's SUM of loss terms (its target tokens' for a language model, its one
+    loss for classification) and ``per_sample_count`` the number of those terms, so prompt masking and
+    ragged samples weigh every target token alike. ``logits`` is None where the model never materialises
+    them (a chunked loss head); ``sample_stats`` then carries the per-sample statistics that sample-selecting
+    strategies need (see ``lowmem_train.causal_lm.token_statistics``).
+    """
 
     per_sample_loss: torch.Tensor
-    logits: torch.Tensor
+    per_sample_count: torch.Tensor
     num_samples: int
+    logits: torch.Tensor | None = None
     num_tokens: int | None = None
+    sample_stats: dict[str, torch.Tensor] | None = None
+
+    def mean_loss(self) -> torch.Tensor:
+        """The loss per loss term (per target token for a language model) over the whole output."""
+        return self.per_sample_loss.sum() / self.per_sample_count.sum().clamp_min(1)
+
+    def detached(self) -> StepOutput:
+        """Only the small per-sample tensors, cut from the graph: what may outlive a training step."""
+        stats = self.sample_stats and {key: value.detach() for key, value in self.sample_stats.items()}
+        return StepOutput(self.per_sample_loss.detach(), self.per_sample_count.detach(), self.num_samples,
+                          num_tokens=self.num_tokens, sample_stats=stats)
 
 
 class Recipe:
@@ -83,7 +102,7 @@ class ImageClassification(Recipe):
         images, labels = batch
         logits = model(images)
         loss = nn.functional.cross_entropy(logits, labels, reduction="none")
-        return StepOutput(loss, logits, num_samples=len(labels))
+        return StepOutput(loss, torch.ones_like(loss), num_samples=len(labels), logits=logits)
 
     def validation_step(self, model: nn.Module, batch):
         images, labels = batch

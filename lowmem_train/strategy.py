@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import StrategyError
+from .recipe import StepOutput
 from .saved_tensors import SavedTensorStage, install_pipeline
 from .validation import coerce
 
@@ -84,11 +85,12 @@ class Strategy:
     def callbacks(self) -> list:
         return []
 
-    def select_samples(self, per_sample_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    def select_samples(self, scored: StepOutput) -> torch.Tensor | None:
         """A boolean mask over the batch of the samples to back-propagate (at least one), or None for all.
 
-        Called with the per-sample losses and logits of a no-grad forward of the whole batch; the loss the
-        trainer back-propagates is the kept samples' losses summed over the whole batch size.
+        Called with the output of a no-grad forward of the whole batch (per-sample loss sums and counts, the
+        logits where the recipe has them, else ``sample_stats``); the loss the trainer back-propagates is the
+        kept samples' loss sums over the whole batch's count.
         """
         return None
 

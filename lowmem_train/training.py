@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoints
+from .causal_lm import sample_statistics
 from .errors import ConfigError, LowmemError, StrategyError, one_line
 from .memory import MemoryMonitor, format_report, plot_curve, summarize, write_report
 from .recipe import Recipe, StepOutput
@@ -77,12 +78,11 @@ class TrainingModule(L.LightningModule):
             output = self.recipe.forward(self.model, batch if keep is None else self.recipe.subset(batch, keep))
         whole = output if scored is None else scored  # logged loss and throughput count every sample
         self.activation_bytes = self.saved_bytes.bytes
-        self.last_output = whole
-        self.log("train/loss", whole.per_sample_loss.mean(), on_step=True, prog_bar=True, batch_size=whole.num_samples)
-        if scored is None:
-            loss = output.per_sample_loss.mean()
-        else:
-            loss = output.per_sample_loss.sum() / scored.num_samples  # the full-batch mean minus the left-out terms
+        self.last_output = whole.detached()  # no graph (and no logits) kept into the next step
+        self.log("train/loss", self.last_output.mean_loss(), on_step=True, prog_bar=True, batch_size=whole.num_samples)
+        # Summed loss terms over the whole batch's count: every target token weighs the same (prompt masking),
+        # and with sample selection this is the full-batch loss minus the left-out terms.
+        loss = output.per_sample_loss.sum() / whole.per_sample_count.sum().clamp_min(1)
         if self.run_control is not None and not self.run_control.admit_loss(self.trainer, loss):
             return None  # Lightning runs no backward and no optimizer step for this batch
         return loss
@@ -91,15 +91,16 @@ class TrainingModule(L.LightningModule):
         """Score the whole batch without a graph and let the selecting strategies choose the samples to
         back-propagate; the training forward then runs on those only, batch-norm statistics frozen.
 
-        The scoring pass updates batch-norm running statistics from the whole batch, and runs on a forked
-        RNG, so it draws no dropout masks from the model's stream.
+        The scoring pass updates batch-norm running statistics from the whole batch, runs on a forked RNG, so
+        it draws no dropout masks from the model's stream, and asks loss heads for per-sample statistics
+        (``StepOutput.sample_stats``) where the model has no logits to give.
         """
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), sample_statistics():
             scored = self.recipe.forward(self.model, batch)
         keep = torch.ones_like(scored.per_sample_loss, dtype=torch.bool)
         for strategy in self.sample_selectors:
-            mask = strategy.select_samples(scored.per_sample_loss, scored.logits)
+            mask = strategy.select_samples(scored)
             if mask is not None:
                 keep &= mask.to(keep.device)
         if not keep.any():

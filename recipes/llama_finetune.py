@@ -5,7 +5,8 @@
     lowmem-train recipe=llama_finetune model=llama_tiny data=synthetic  # random-init tiny model, no downloads
 
 Text is tokenised with the model's tokenizer, concatenated and cut into blocks of ``data.seq_len`` tokens;
-the loss is next-token cross-entropy.
+the loss is next-token cross-entropy, computed inside the model by its loss head (``CausalLMWithLossHead``),
+in training and validation alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from lowmem_train.causal_lm import CausalLMWithLossHead
 from lowmem_train.data import make_loader, split, synthetic_tokens
 from lowmem_train.errors import ConfigError, one_line
 from lowmem_train.hub import OFFLINE_COMMAND, hub_reachable, is_local
@@ -34,6 +36,13 @@ class LlamaFinetune(Recipe):
             raise ConfigError(f"model.dtype={model.get('dtype')} is not a weights dtype; valid: {', '.join(self.dtypes)}")
 
     def build_model(self) -> nn.Module:
+        causal_lm = self.build_causal_lm()
+        try:
+            return CausalLMWithLossHead(causal_lm)
+        except ValueError as exc:
+            raise ConfigError(f"recipe {self.name}: {exc}") from None
+
+    def build_causal_lm(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         path = self.model_cfg.get("name_or_path")
@@ -122,12 +131,10 @@ class LlamaFinetune(Recipe):
 
     def forward(self, model: nn.Module, batch) -> StepOutput:
         (input_ids,) = batch
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        per_token = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
-        ).view(input_ids.shape[0], -1)
-        return StepOutput(per_token.mean(1), logits, num_samples=input_ids.shape[0], num_tokens=per_token.numel())
+        output = model(input_ids=input_ids, labels=input_ids)
+        return StepOutput(output.per_sample_loss, output.per_sample_count, num_samples=input_ids.shape[0],
+                          num_tokens=int(output.per_sample_count.sum()), sample_stats=output.sample_stats)
 
     def validation_step(self, model: nn.Module, batch):
         output = self.forward(model, batch)
-        return {"val/loss": output.per_sample_loss.mean()}, output.num_samples
+        return {"val/loss": output.mean_loss()}, output.num_samples

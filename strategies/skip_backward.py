@@ -11,7 +11,10 @@ follows from its loss and its probabilities), and at most ``max_skip`` of its sa
 skips as many samples per batch as the confidence rule would, chosen at random (its own generator): the
 baseline it must beat.
 
-The loss is the kept samples' losses summed over the batch size, i.e. the full-batch mean with the
+A language model's loss head gives the same figures per sample (``sample_stats``: mean token confidence and
+the norm of the sample's logit gradient), computed chunk by chunk when the logits are never materialised.
+
+The loss is the kept samples' loss sums over the whole batch's count, i.e. the full-batch mean with the
 skipped samples' terms removed, so the gradient error is exactly what the bound measures. Each micro-batch
 (gradient accumulation) decides for its own samples; the epoch is never cut short. The bound holds on the
 window; a batch more confident than the window (the model improving) may exceed it.
@@ -155,13 +158,9 @@ class SkipBackward(Strategy):
     def callbacks(self) -> list:
         return [AdaptThreshold(self.state)]
 
-    def select_samples(self, per_sample_loss, logits):
-        if logits.dim() != 2 or per_sample_loss.shape != logits.shape[:1]:
-            raise StrategyError("strategy 'skip_backward' needs a classification recipe (one loss per sample and "
-                                f"logits of shape batch x classes, got {tuple(logits.shape)}): use recipe=cifar_resnet "
-                                "or recipe=imagenet_resnet")
+    def select_samples(self, scored):
         state = self.state
-        confidence, norm = confidence_and_grad_norm(per_sample_loss, logits, self.options.criterion)
+        confidence, norm = self.confidence_and_grad_norm(scored)
         skip = torch.zeros_like(confidence, dtype=torch.bool)
         if not state.warming_up:
             count = min(int((confidence > state.threshold).sum()), int(self.options.max_skip * len(skip)))
@@ -172,6 +171,19 @@ class SkipBackward(Strategy):
             skip[chosen.to(skip.device)] = True
         state.pending = torch.stack([confidence, norm, skip.double()], 1)
         return ~skip
+
+    def confidence_and_grad_norm(self, scored):
+        """From classification logits, or from the per-sample statistics of a loss head that has no logits
+        (a language model's: mean token confidence, norm of the sample's logit gradient)."""
+        logits, stats = scored.logits, scored.sample_stats
+        if logits is not None and logits.dim() == 2 and scored.per_sample_loss.shape == logits.shape[:1]:
+            return confidence_and_grad_norm(scored.per_sample_loss, logits, self.options.criterion)
+        if stats is not None and f"confidence_{self.options.criterion}" in stats and "logit_grad_norm" in stats:
+            return stats[f"confidence_{self.options.criterion}"].double(), stats["logit_grad_norm"].double()
+        shape = "none" if logits is None else tuple(logits.shape)
+        raise StrategyError("strategy 'skip_backward' needs logits of shape batch x classes (a classification recipe) "
+                            f"or per-sample confidence statistics from the model's loss head (got logits {shape}): "
+                            "use recipe=cifar_resnet, recipe=imagenet_resnet or recipe=llama_finetune")
 
     def report(self) -> dict:
         state = self.state

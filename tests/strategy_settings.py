@@ -25,4 +25,6 @@ STRATEGY_SETTINGS = {
     "velora": {"options": {"groups": 16}, "applies_to": ("transformer",), "min_grad_cosine": 0.4},
     # aot_eager: Dynamo and AOTAutograd as with inductor, without its minutes of C++ code generation on CPU
     "compile": {"options": {"backend": "aot_eager"}, "applies_to": ("cnn", "transformer")},
+    # chunk_size 8: the tiny batch's 32 tokens make 4 chunks
+    "chunked_ce": {"options": {"chunk_size": 8}, "applies_to": ("transformer",)},
 }

@@ -115,8 +115,8 @@ def test_plain_loop_is_warned_about_loop_hooks_it_must_call_itself(monkeypatch):
     class KeepAll(lowmem_train.Strategy):
         name = "keep_all"
 
-        def select_samples(self, per_sample_loss, logits):
-            return torch.ones_like(per_sample_loss, dtype=torch.bool)
+        def select_samples(self, scored):
+            return torch.ones_like(scored.per_sample_loss, dtype=torch.bool)
 
     monkeypatch.setitem(_registry(), "keep_all", KeepAll)
     with pytest.warns(UserWarning, match="strategy 'keep_all' also acts on the training loop \\(select_samples\\)"):

@@ -21,13 +21,14 @@ def test_llama_loads_a_local_model_and_tokenizes_local_json(tiny_llama_dir, corp
     recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data.path=json",
                                          f"data.data_files={corpus_file}", "data.seq_len=16", "data.val_fraction=0.2"))
     model = recipe.build_model()
-    assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 32
+    assert type(model.causal_lm).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 32
     train, val = recipe.build_dataloaders()
     (ids,) = next(iter(train))
     assert ids.shape == (8, 16) and ids.max() < model.config.vocab_size
     assert len(val.dataset) > 0
     output = recipe.forward(model, (ids,))
-    assert output.num_tokens == 8 * 15 and output.per_sample_loss.shape == (8,)
+    assert output.num_tokens == 8 * 15 and output.per_sample_loss.shape == (8,) and output.logits is None
+    assert output.per_sample_count.tolist() == [15] * 8
 
 
 def test_imagenet_recipe_reads_an_image_folder(image_folder):

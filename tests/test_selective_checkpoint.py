@@ -144,5 +144,5 @@ def test_resumed_run_reuses_the_checkpointed_decisions_without_profiling(tmp_pat
         assert len(profiled) == 4 and not [r for r in caplog.records if "stores" in r.getMessage()]
     report = first["strategy_report"]["selective_checkpoint"]
     assert resumed["strategy_report"]["selective_checkpoint"] == report
-    assert list(report["blocks"]) == [f"model.layers.{i}" for i in range(4)]
+    assert list(report["blocks"]) == [f"causal_lm.model.layers.{i}" for i in range(4)]
     assert report["stored_bytes"] < report["none_bytes"] and report["recompute_s"] < report["full_checkpoint_recompute_s"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowmem_train import StrategyError, get_strategy_class
+from lowmem_train.recipe import StepOutput
 from lowmem_train.strategies.skip_backward import confidence_and_grad_norm
 
 
@@ -26,10 +27,15 @@ def per_sample_loss(logits, labels):
     return nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
+def scored(loss, logits):
+    """A classification recipe's scoring output."""
+    return StepOutput(loss, torch.ones_like(loss), len(loss), logits=logits)
+
+
 def adapted(strategy, seed=0):
     """One batch through the strategy (warm-up off), then the callback's bookkeeping and adaptation."""
     logits, labels = batch(seed=seed)
-    strategy.select_samples(per_sample_loss(logits, labels), logits)
+    strategy.select_samples(scored(per_sample_loss(logits, labels), logits))
     strategy.state.record(strategy.state.pending)
     return strategy
 
@@ -61,7 +67,7 @@ def test_keeps_exactly_the_samples_at_or_below_the_threshold():
     strategy = adapted(make(warmup_steps=0))
     logits, labels = batch(seed=1)
     loss = per_sample_loss(logits, labels)
-    keep = strategy.select_samples(loss, logits)
+    keep = strategy.select_samples(scored(loss, logits))
     skipped = confidence_and_grad_norm(loss, logits, "margin")[0] > strategy.state.threshold
     assert 0 < skipped.sum() < len(skipped)
     assert torch.equal(keep, ~skipped)
@@ -74,7 +80,7 @@ def test_never_skips_more_than_max_skip_of_a_batch():
     strategy = adapted(make(warmup_steps=0, max_skip=0.5))
     strategy.state.threshold = -1.0  # every sample is confident enough
     logits, labels = batch(seed=1)
-    keep = strategy.select_samples(per_sample_loss(logits, labels), logits)
+    keep = strategy.select_samples(scored(per_sample_loss(logits, labels), logits))
     assert int((~keep).sum()) == len(keep) // 2
 
 
@@ -82,7 +88,7 @@ def test_warm_up_skips_nothing():
     strategy = adapted(make(warmup_steps=0))
     strategy.state.warming_up = True
     logits, labels = batch(seed=1)
-    assert strategy.select_samples(per_sample_loss(logits, labels), logits).all()
+    assert strategy.select_samples(scored(per_sample_loss(logits, labels), logits)).all()
 
 
 def test_random_selection_skips_as_many_other_samples_with_its_own_generator():
@@ -90,7 +96,7 @@ def test_random_selection_skips_as_many_other_samples_with_its_own_generator():
     logits, labels = batch(seed=1)
     loss = per_sample_loss(logits, labels)
     global_state = torch.random.get_rng_state()
-    masks = [strategy.select_samples(loss, logits) for strategy in (confident, random)]
+    masks = [strategy.select_samples(scored(loss, logits)) for strategy in (confident, random)]
     assert torch.equal(torch.random.get_rng_state(), global_state)
     assert (~masks[0]).sum() == (~masks[1]).sum() > 0 and not torch.equal(masks[0], masks[1])
 
@@ -104,13 +110,13 @@ def test_state_survives_a_checkpoint():
     assert resumed.state.threshold == strategy.state.threshold < 1.0
     logits, labels = batch(seed=2)
     loss = per_sample_loss(logits, labels)
-    assert torch.equal(strategy.select_samples(loss, logits), resumed.select_samples(loss, logits))
+    assert torch.equal(strategy.select_samples(scored(loss, logits)), resumed.select_samples(scored(loss, logits)))
 
 
 def test_non_classification_logits_are_refused():
     logits = torch.randn(2, 8, 96)
-    with pytest.raises(StrategyError, match="needs a classification recipe"):
-        make().select_samples(torch.rand(2), logits)
+    with pytest.raises(StrategyError, match="needs logits of shape batch x classes"):
+        make().select_samples(scored(torch.rand(2), logits))
 
 
 @pytest.mark.parametrize("options, message", [

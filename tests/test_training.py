@@ -55,8 +55,8 @@ def test_trainer_calls_every_loop_hook_of_a_strategy(tmp_path, monkeypatch):
 
         counter = CountSteps()
 
-        def select_samples(self, per_sample_loss, logits):
-            return torch.arange(len(per_sample_loss)) < len(per_sample_loss) // 2
+        def select_samples(self, scored):
+            return torch.arange(scored.num_samples) < scored.num_samples // 2
 
         def report(self):
             return {"steps_counted": self.counter.steps}

@@ -1,0 +1,234 @@
+"""The causal-LM loss inside the model: a swappable loss head on any Hugging Face ``*ForCausalLM``.
+
+Hugging Face computes the loss from full ``batch x seq x vocab`` logits. Here the model the trainer sees
+(``CausalLMWithLossHead``) runs the decoder to its last hidden states and hands them, with the labels, to a
+loss head submodule that returns per-sample sums of token losses and target-token counts. Because the loss
+is computed inside the model's forward, saved-tensor stages (compress, offload, the meter) cover it, and a
+strategy can swap the head (``chunked_ce`` computes it chunk by chunk, never holding the full logits).
+
+Labels follow Hugging Face's convention: unshifted (the head shifts them), ``-100`` for positions without a
+target (prompt masking, padding).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+# Config keys that change the logits after the output embedding: multiplied in, divided in, and the final
+# soft-cap (cap * tanh(logits / cap)); any other such transform cannot be reproduced and is refused.
+LOGIT_MULTIPLIERS = ("logit_scale", "lm_head_multiplier")  # Cohere, Falcon-H1
+LOGIT_DIVISORS = ("logits_scaling",)  # Granite
+LOGIT_SOFTCAP = "final_logit_softcapping"  # Gemma 2/3
+UNSUPPORTED_LOGIT_KEYS = ("dim_model_base", "mup_width_multiplier")  # MiniCPM, Phi-3-small: rescaled hidden states
+
+_STATISTICS_WANTED: ContextVar[bool] = ContextVar("lowmem_sample_statistics", default=False)
+
+
+@contextmanager
+def sample_statistics() -> Iterator[None]:
+    """Ask loss heads for per-sample statistics (the trainer's scoring pass, for sample selection)."""
+    token = _STATISTICS_WANTED.set(True)
+    try:
+        yield
+    finally:
+        _STATISTICS_WANTED.reset(token)
+
+
+def statistics_wanted() -> bool:
+    return _STATISTICS_WANTED.get()
+
+
+@dataclass
+class LossHeadOutput:
+    """Per-sample loss sums (fp32), target-token counts and, when asked for, per-sample statistics."""
+
+    per_sample_loss: torch.Tensor
+    per_sample_count: torch.Tensor
+    sample_stats: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class LogitSettings:
+    """What the model does to the output embedding's result: logits = softcap(scale * (h W^T + b))."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot get a loss head (not a causal LM, a logit transform we cannot reproduce), or None."""
+    config = getattr(model, "config", None)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if config is None or output is None:
+        return f"{type(model).__name__} is not a causal language model (no output embedding)"
+    if decoder_of(model) is model:
+        return f"{type(model).__name__} has no separate decoder to run to the last hidden states"
+    if not isinstance(getattr(output, "weight", None), torch.Tensor) or output.weight.dim() != 2:
+        return f"its output embedding {type(output).__name__} has no 2-D weight"
+    for key in UNSUPPORTED_LOGIT_KEYS:
+        if getattr(config, key, None) is not None:
+            return f"{type(model).__name__} rescales its hidden states or logits (config {key}), which is not supported"
+    return None
+
+
+def decoder_of(causal_lm: nn.Module) -> nn.Module:
+    """The module that returns the last hidden states: ``get_decoder()`` (which also sees through a PEFT
+    wrapper to the adapted decoder), else Hugging Face's ``base_model``."""
+    if hasattr(causal_lm, "get_decoder"):
+        return causal_lm.get_decoder()
+    return getattr(causal_lm, "base_model", causal_lm)
+
+
+def logit_settings(config) -> LogitSettings:
+    scale = 1.0
+    for key in LOGIT_MULTIPLIERS:
+        scale *= float(getattr(config, key, None) or 1.0)
+    for key in LOGIT_DIVISORS:
+        scale /= float(getattr(config, key, None) or 1.0)
+    softcap = getattr(config, LOGIT_SOFTCAP, None)
+    return LogitSettings(scale, float(softcap) if softcap else None)
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the hidden states: position t predicts labels[t + 1]; the last none."""
+    return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def transform_logits(logits: torch.Tensor, settings: LogitSettings) -> torch.Tensor:
+    if settings.scale != 1.0:
+        logits = logits * settings.scale
+    if settings.softcap is not None:
+        logits = torch.tanh(logits / settings.softcap) * settings.softcap
+    return logits
+
+
+@torch.no_grad()
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token confidence (top-1 probability, top-1 minus top-2) and the squared norm of the token's
+    cross-entropy gradient w.r.t. its logits (softmax - onehot), from fp32 logits (tokens x vocab).
+    Tokens without a target get zeros."""
+    probs = logits.float().softmax(-1)
+    top2 = probs.topk(2, dim=-1).values
+    valid = targets != IGNORE_INDEX
+    probs.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), -valid.to(probs.dtype).unsqueeze(1))
+    stats = {"confidence_top1": top2[:, 0], "confidence_margin": top2[:, 0] - top2[:, 1],
+             "logit_grad_sq": probs.pow(2).sum(-1)}
+    return {key: value * valid for key, value in stats.items()}
+
+
+def per_sample(per_token_loss: torch.Tensor, targets: torch.Tensor,
+               token_stats: dict[str, torch.Tensor] | None) -> LossHeadOutput:
+    """Sums over each sample's target tokens; statistics become per-sample means (confidence) and the norm
+    of the sample's logit gradient (``logit_grad_norm``)."""
+    batch = targets.shape[0]
+    count = (targets != IGNORE_INDEX).view(batch, -1).sum(1)
+    stats = None
+    if token_stats is not None:
+        sums = {key: value.view(batch, -1).sum(1) for key, value in token_stats.items()}
+        stats = {"confidence_top1": sums["confidence_top1"] / count.clamp_min(1),
+                 "confidence_margin": sums["confidence_margin"] / count.clamp_min(1),
+                 "logit_grad_norm": sums["logit_grad_sq"].sqrt()}
+    return LossHeadOutput(per_token_loss.float().view(batch, -1).sum(1), count, stats)
+
+
+class CausalLMLossHead(nn.Module):
+    """The plain loss head: the whole sequence's logits at once, in fp32 as Hugging Face's loss does."""
+
+    def __init__(self, settings: LogitSettings = LogitSettings()):
+        super().__init__()
+        self.settings = settings
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, output_embeddings: nn.Module) -> LossHeadOutput:
+        targets = shifted_targets(labels).flatten()
+        logits = transform_logits(output_embeddings(hidden).float(), self.settings).flatten(0, 1)
+        per_token = nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+        stats = token_statistics(logits, targets) if statistics_wanted() else None
+        return per_sample(per_token, targets.view(labels.shape), stats)
+
+
+def loss_forward(causal_lm: nn.Module, head: nn.Module, labels: torch.Tensor, **inputs) -> LossHeadOutput:
+    """Decoder to the last hidden states, then the loss head (the output embedding passed, not owned)."""
+    inputs.setdefault("use_cache", False)
+    hidden = decoder_of(causal_lm)(**inputs).last_hidden_state
+    return head(hidden, labels, causal_lm.get_output_embeddings())
+
+
+class CausalLMWithLossHead(nn.Module):
+    """A Hugging Face ``*ForCausalLM`` whose forward with ``labels`` returns a ``LossHeadOutput``.
+
+    The causal LM stays a submodule (``causal_lm``: state_dict keys are its own under ``causal_lm.``, PEFT can
+    wrap it) and its output embedding is registered once, there. Without labels the forward is the causal
+    LM's own (logits, generation).
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, causal_lm: nn.Module):
+        reason = unsupported_reason(causal_lm)
+        if reason is not None:
+            raise ValueError(reason)
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss_head = CausalLMLossHead(logit_settings(causal_lm.config))
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **inputs):
+        if labels is None:
+            return self.causal_lm(input_ids=input_ids, **inputs)
+        return loss_forward(self.causal_lm, self.loss_head, labels, input_ids=input_ids, **inputs)
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module | None:
+    """The causal LM whose loss a head of ``model`` computes (the recipe's wrapper or a bare one), or None."""
+    if isinstance(model, CausalLMWithLossHead):
+        return model.causal_lm
+    return model if unsupported_reason(model) is None else None
+
+
+def set_loss_head(model: nn.Module, head: nn.Module) -> None:
+    """Give ``model`` (a ``CausalLMWithLossHead`` or a bare Hugging Face causal LM) the loss head ``head``.
+
+    A bare causal LM gets it as submodule ``loss_head`` (no parameters: state_dict unchanged) and a forward
+    that, called with ``labels``, returns Hugging Face's output with ``loss`` (summed token losses over the
+    target tokens, or over ``num_items_in_batch`` as the HF Trainer passes for gradient accumulation) and
+    ``logits=None``; without labels it is the model's own forward.
+    """
+    model.loss_head = head
+    if isinstance(model, CausalLMWithLossHead) or "_lowmem_plain_forward" in model.__dict__:
+        return
+    model._lowmem_plain_forward = model.forward
+    # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
+    model.forward = types.MethodType(_forward_with_loss_head, model)
+
+
+def _forward_with_loss_head(self: nn.Module, input_ids: torch.Tensor | None = None, *args, labels=None,
+                            num_items_in_batch=None, **inputs):
+    if labels is None:
+        return self._lowmem_plain_forward(input_ids, *args, **inputs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if args:
+        raise TypeError(f"{type(self).__name__}.forward with labels takes its inputs as keyword arguments")
+    inputs.pop("logits_to_keep", None)
+    inputs.pop("return_dict", None)
+    output = loss_forward(self, self.loss_head, labels, input_ids=input_ids, **inputs)
+    divisor = output.per_sample_count.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = output.per_sample_loss.sum() / torch.as_tensor(divisor, device=output.per_sample_loss.device).clamp_min(1)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
