@@ -211,9 +211,9 @@ def set_loss_head(model: nn.Module, head: nn.Module) -> None:
     ``logits=None``; without labels it is the model's own forward.
     """
     model.loss_head = head
-    if isinstance(model, CausalLMWithLossHead) or "_lowmem_plain_forward" in model.__dict__:
+    if isinstance(model, CausalLMWithLossHead) or "_lowmem_forward_without_loss_head" in model.__dict__:
         return
-    model._lowmem_plain_forward = model.forward
+    model._lowmem_forward_without_loss_head = model.forward
     # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
     model.forward = types.MethodType(_forward_with_loss_head, model)
 
@@ -221,7 +221,7 @@ def set_loss_head(model: nn.Module, head: nn.Module) -> None:
 def _forward_with_loss_head(self: nn.Module, input_ids: torch.Tensor | None = None, *args, labels=None,
                             num_items_in_batch=None, **inputs):
     if labels is None:
-        return self._lowmem_plain_forward(input_ids, *args, **inputs)
+        return self._lowmem_forward_without_loss_head(input_ids, *args, **inputs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if args:

@@ -61,10 +61,7 @@ class RunControl(L.Callback):
                 self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
 
     def on_train_end(self, trainer, pl_module):
-        self.restore_signal_handlers()
-
-    def on_exception(self, trainer, pl_module, exception):
-        self.restore_signal_handlers()
+        self.restore_signal_handlers()  # Ctrl-C during the final validation interrupts at once
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -128,11 +128,16 @@ def llama_recipe(*overrides):
     return build_recipe(cfg)
 
 
+def plain_and_chunked(recipe, chunk_size: int):
+    """The recipe's model, and a copy of it with chunked_ce applied."""
+    torch.manual_seed(0)
+    plain = recipe.build_model()
+    return plain, apply_strategies(copy.deepcopy(plain), {"chunked_ce": {"chunk_size": chunk_size}})
+
+
 def test_saved_bytes_of_the_loss_path_fall_more_than_20x():
     recipe = llama_recipe()
-    torch.manual_seed(0)
-    model = recipe.build_model()
-    chunked = apply_strategies(copy.deepcopy(model), {"chunked_ce": {"chunk_size": 128}})
+    model, chunked = plain_and_chunked(recipe, 128)
     ids = torch.randint(0, 4096, (8, 64))
     hidden = torch.randn(8, 64, 64, requires_grad=True)  # the loss path alone: from the last hidden states
     saved, total = {}, {}
@@ -170,9 +175,7 @@ def test_trainer_reduces_token_loss_sums_over_target_tokens():
 
 def test_skip_backward_skips_by_confidence_with_chunked_ce():
     recipe = llama_recipe()
-    torch.manual_seed(0)
-    plain = recipe.build_model()
-    model = apply_strategies(copy.deepcopy(plain), {"chunked_ce": {"chunk_size": 100}})
+    plain, model = plain_and_chunked(recipe, 100)
     ids = torch.randint(0, 4096, (8, 64))
     with torch.no_grad(), sample_statistics():
         stats = {name: m(input_ids=ids, labels=ids).sample_stats for name, m in (("plain", plain), ("chunked", model))}
