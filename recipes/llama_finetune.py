@@ -51,7 +51,7 @@ class LlamaFinetune(Recipe):
             offline = not is_local(path) and not hub_reachable()
             try:
                 return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a directory without a model config
                 reason = "the hub cannot be reached and it is not in the local cache" if offline else one_line(exc)
                 raise ConfigError(f"model.name_or_path={path}: cannot load it ({reason}); use a local directory, "
                                   f"or offline: {OFFLINE_COMMAND}") from None

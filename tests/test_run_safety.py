@@ -70,6 +70,7 @@ def bad_files(tmp_path_factory, resnet_checkpoint) -> Path:
                                                   "[reversible]"),
     (["recipe=llama_finetune", "model.name_or_path={llama}", "data.path=text", "data.data_files={bad}/empty.txt"],
      "data.data_files: {bad}/empty.txt is empty"),
+    ([*TINY_LLAMA, "model.name_or_path={bad}"], "model.name_or_path={bad}: cannot load it"),
     (["recipe=imagenet_resnet", "data.root={bad}/no_classes"], "no_classes/train is not an ImageFolder tree"),
     (["recipe=imagenet_resnet", "data.root={bad}/no_images"], "no_images/train is not an ImageFolder tree"),
     (["optimizer=[sgd,adamw]"], "optimizer takes one choice, got [sgd, adamw]; valid choices: adafactor"),
