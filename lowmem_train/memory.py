@@ -22,7 +22,8 @@ GIB = 2**30
 
 COLUMNS = [
     "step", "loss", "peak_bytes", "cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes", "activation_bytes",
-    "param_bytes", "grad_bytes", "optimizer_state_bytes", "step_time_s", "samples_per_s", "tokens_per_s",
+    "param_bytes", "grad_bytes", "optimizer_state_bytes", "frozen_param_bytes", "frozen_grad_bytes",
+    "frozen_optimizer_state_bytes", "step_time_s", "samples_per_s", "tokens_per_s",
 ]
 
 
@@ -37,9 +38,20 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Every tensor in the optimizer's state, whatever its dtype or nesting (quantized states included)."""
-    return tensor_bytes(t for state in optimizer.state.values() for t in iter_tensors(state))
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
+    """Every tensor in the optimizer's state (of ``params`` only, if given), whatever its dtype or nesting
+    (quantized states included)."""
+    states = optimizer.state.values() if params is None else [optimizer.state[p] for p in params if p in optimizer.state]
+    return tensor_bytes(t for state in states for t in iter_tensors(state))
+
+
+def frozen_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights that do not train: every state-dict entry that is neither a trainable parameter
+    nor a buffer, so quantized weights count with their scales (bitsandbytes keeps those beside the codes)."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return tensor_bytes(v for k, v in model.state_dict(keep_vars=True).items()
+                        if k not in trainable and k not in buffers and isinstance(v, torch.Tensor))
 
 
 class MemoryMonitor(L.Callback):
@@ -56,6 +68,7 @@ class MemoryMonitor(L.Callback):
         self._file = None
 
     def on_train_start(self, trainer, pl_module):
+        self._frozen_param_bytes = frozen_weight_bytes(pl_module.model)  # frozen: the same every step
         if not trainer.is_global_zero:
             return
         self._file = open(self.csv_path, "w", newline="")
@@ -65,14 +78,17 @@ class MemoryMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._grad_bytes = 0
+        self._grad_bytes = self._frozen_grad_bytes = 0
         self._start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self._grad_bytes = tensor_bytes(p.grad for p in pl_module.parameters() if p.grad is not None)
+        self._frozen_grad_bytes = tensor_bytes(p.grad for p in pl_module.parameters()
+                                               if p.grad is not None and not p.requires_grad)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cuda = pl_module.device.type == "cuda"
+        frozen = [p for p in pl_module.parameters() if not p.requires_grad]
         if cuda:
             torch.cuda.synchronize(pl_module.device)
         step_time = time.perf_counter() - self._start
@@ -81,9 +97,12 @@ class MemoryMonitor(L.Callback):
             "step": trainer.global_step,
             "loss": float(output.mean_loss()),  # per target token of the whole batch, also when samples are selected
             "activation_bytes": pl_module.activation_bytes,
-            "param_bytes": tensor_bytes(pl_module.parameters()),
+            "param_bytes": tensor_bytes(p for p in pl_module.parameters() if p.requires_grad) + self._frozen_param_bytes,
             "grad_bytes": self._grad_bytes,
             "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in trainer.optimizers),
+            "frozen_param_bytes": self._frozen_param_bytes,
+            "frozen_grad_bytes": self._frozen_grad_bytes,
+            "frozen_optimizer_state_bytes": sum(optimizer_state_bytes(o, frozen) for o in trainer.optimizers),
             "cuda_allocated_peak_bytes": torch.cuda.max_memory_allocated(pl_module.device) if cuda else "",
             "cuda_reserved_peak_bytes": torch.cuda.max_memory_reserved(pl_module.device) if cuda else "",
             "step_time_s": step_time,
@@ -128,6 +147,9 @@ def summarize(rows: list[dict], *, device: torch.device) -> dict:
         "param_bytes": rows[-1]["param_bytes"],
         "grad_bytes": max(r["grad_bytes"] for r in rows),
         "optimizer_state_bytes": max(r["optimizer_state_bytes"] for r in rows),
+        "frozen_param_bytes": rows[-1]["frozen_param_bytes"],
+        "frozen_grad_bytes": max(r["frozen_grad_bytes"] for r in rows),
+        "frozen_optimizer_state_bytes": max(r["frozen_optimizer_state_bytes"] for r in rows),
         "step_time_s": median("step_time_s"),
         "samples_per_s": median("samples_per_s"),
         "tokens_per_s": median("tokens_per_s"),
@@ -174,14 +196,21 @@ def format_report(report: dict) -> str:
     def gib(key):
         return "n/a" if report.get(key) is None else f"{report[key] / GIB:.4f} GiB"
 
+    def split(key):
+        """Trainable / frozen parts, shown where some weights are frozen (LoRA): frozen grads and state are 0."""
+        frozen = report.get(f"frozen_{key}")
+        if not report.get("frozen_param_bytes") or frozen is None:
+            return ""
+        return f"  (trainable {(report[key] - frozen) / GIB:.4f}, frozen {frozen / GIB:.4f})"
+
     peak_note = "CUDA max allocated" if report["peak_source"] == "cuda_max_allocated" else "accounted: no allocator peak on CPU"
     lines = [
         f"memory report ({', '.join(report['strategies'])} on {report['recipe']}, {report['device']}, {report['steps']} steps)",
         f"  peak                 {gib('peak_bytes')}  ({peak_note})",
         f"  activations (saved)  {gib('activation_bytes')}",
-        f"  parameters           {gib('param_bytes')}",
-        f"  gradients            {gib('grad_bytes')}",
-        f"  optimizer state      {gib('optimizer_state_bytes')}",
+        f"  parameters           {gib('param_bytes')}{split('param_bytes')}",
+        f"  gradients            {gib('grad_bytes')}{split('grad_bytes')}",
+        f"  optimizer state      {gib('optimizer_state_bytes')}{split('optimizer_state_bytes')}",
         f"  throughput           {report['samples_per_s']:.1f} samples/s" if report["samples_per_s"] else "",
         f"  final train loss     {report['final_train_loss']:.4f}",
     ]

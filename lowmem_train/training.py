@@ -71,6 +71,19 @@ class TrainingModule(L.LightningModule):
         self.saved_bytes = SavedBytesMeter(model)
         self.activation_bytes = 0
         self.last_output: StepOutput | None = None
+        # Checkpoints hold what training changes (see ``state_dict``); ``checkpoints.check_fits`` checks keys.
+        self.strict_loading = False
+
+    def state_dict(self, *args, **kwargs):
+        """Trainable parameters and buffers only: frozen weights (a LoRA base, possibly quantized) are rebuilt
+        from the model source and the seed on resume, so checkpoints stay adapter-sized."""
+        kept = {name for name, p in self.named_parameters() if p.requires_grad}
+        kept |= {name for name, _ in self.named_buffers()}
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k[len(prefix):] not in kept]:
+            del state[key]
+        return state
 
     def training_step(self, batch, batch_idx):
         scored, keep = self.score_and_select(batch) if self.sample_selectors else (None, None)

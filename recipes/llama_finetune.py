@@ -50,12 +50,22 @@ class LlamaFinetune(Recipe):
         if path:
             offline = not is_local(path) and not hub_reachable()
             try:
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **self.gguf())
             except (OSError, ValueError) as exc:  # ValueError: a directory without a model config
                 reason = "the hub cannot be reached and it is not in the local cache" if offline else one_line(exc)
                 raise ConfigError(f"model.name_or_path={path}: cannot load it ({reason}); use a local directory, "
                                   f"or offline: {OFFLINE_COMMAND}") from None
         return AutoModelForCausalLM.from_config(self.model_config(), dtype=dtype)
+
+    def gguf(self) -> dict:
+        """``gguf_file=`` for transformers when the model is a GGUF file inside ``model.name_or_path``."""
+        gguf_file = self.model_cfg.get("gguf_file")
+        if not gguf_file:
+            return {}
+        path = os.path.join(os.path.expanduser(self.model_cfg.name_or_path), gguf_file)
+        if is_local(self.model_cfg.name_or_path) and not os.path.isfile(path):
+            raise ConfigError(f"model.gguf_file={gguf_file}: no such file in {self.model_cfg.name_or_path}")
+        return {"gguf_file": gguf_file}
 
     def model_config(self):
         """The transformers config: from ``model.name_or_path``, or built from ``model.config`` (random init)."""
@@ -65,7 +75,7 @@ class LlamaFinetune(Recipe):
         if path:
             if not is_local(path):
                 hub_reachable()  # offline: fail at once instead of retrying
-            return AutoConfig.from_pretrained(path)
+            return AutoConfig.from_pretrained(path, **self.gguf())
         settings = self.model_cfg.get("config")
         if not settings:
             raise ConfigError("model.name_or_path or model.config is required by recipe llama_finetune")

@@ -6,7 +6,9 @@ A strategy registered without an entry here fails that test. Keys:
 - min_grad_cosine: for approximate strategies (exact=False), the least cosine similarity between the
   strategy's and plain backprop's gradient, per parameter, on the first step; None for a strategy that
   changes the model's function by design (an architecture conversion), whose own tests hold its bounds:
-  then only two finite training steps are checked here.
+  then only two finite training steps are checked here;
+- adapter: True for a strategy that freezes the model and trains parameters it adds (LoRA): the forward is
+  unchanged at initialisation, every original parameter is kept and frozen, only the added ones train.
 """
 
 STRATEGY_SETTINGS = {
@@ -27,4 +29,6 @@ STRATEGY_SETTINGS = {
     "compile": {"options": {"backend": "aot_eager"}, "applies_to": ("cnn", "transformer")},
     # chunk_size 8: the tiny batch's 32 tokens make 4 chunks
     "chunked_ce": {"options": {"chunk_size": 8}, "applies_to": ("transformer",)},
+    # the CNN's blocks hold no Linear layer: LoRA's default targets match nothing there
+    "lora": {"options": {"r": 4}, "applies_to": ("transformer",), "adapter": True},
 }

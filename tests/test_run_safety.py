@@ -106,7 +106,7 @@ def test_headline_llm_command_offline_fails_at_once_naming_the_offline_command(t
     started = time.monotonic()
     result = run_cli("recipe=llama_finetune", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "1"})
-    assert_one_line_error(result, "model.name_or_path=meta-llama/Llama-3.2-1B: cannot load it (the hub cannot be "
+    assert_one_line_error(result, "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct: cannot load it (the hub cannot be "
                                   "reached")
     assert "lowmem-train recipe=llama_finetune model=llama_tiny data=synthetic" in result.stderr
     assert time.monotonic() - started < 40  # no minute of hub retries

@@ -28,6 +28,16 @@ def first_step_grads(model, kind, batch, steps=2):
     return grads
 
 
+def check_adapter(baseline, model, params_before, kind, batch):
+    """Same loss at initialisation; the original parameters kept and frozen; only added ones get gradients."""
+    torch.testing.assert_close(loss_of(kind, model, batch), loss_of(kind, baseline, batch))
+    originals = {id(p) for p in params_before.values()}
+    kept = [p for p in model.parameters() if id(p) in originals]
+    assert len(kept) == len(originals) and not any(p.requires_grad for p in kept)
+    grads = first_step_grads(model, kind, batch)
+    assert grads and all(id(p) not in originals for n, p in model.named_parameters() if n in grads)
+
+
 @pytest.mark.parametrize("name", available_strategies())
 def test_strategy_has_settings_and_config(name):
     assert name in STRATEGY_SETTINGS, f"strategy '{name}' has no entry in tests/strategy_settings.py"
@@ -54,6 +64,9 @@ def test_strategy_on_tiny_models(name, kind):
         return
     assert apply_strategies(model, spec) is model
     assert apply_strategies(model, spec) is model  # applying again does not wrap twice
+    if settings.get("adapter"):
+        check_adapter(baseline, model, params_before, kind, make_batch())
+        return
     assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
     for n, p in model.named_parameters():
         assert p is params_before[n], f"{name} replaced parameter {n}"

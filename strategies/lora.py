@@ -1,0 +1,272 @@
+"""LoRA, DoRA and QLoRA through PEFT: the base weights are frozen (optionally stored in NF4 or int8 by
+bitsandbytes), only low-rank adapters train.
+
+Weight memory is what this strategy saves: a frozen weight has no gradient and no optimizer state, and with
+``quantize=nf4`` it is stored in ~0.53 bytes per parameter (4-bit codes, blocks of 64 with double-quantised
+scales) instead of 2 (bf16). The adapters (``B A``, rank ``r``, scaled ``alpha / r``; DoRA adds a magnitude
+per output row) are the trainable parameters.
+
+PEFT injects the adapters in place into the causal LM (or, for any other model, into the whole model), so
+the module tree keeps its names for the other strategies: checkpointing wraps the same blocks, VeLoRA finds
+the adapters' ``lora_A`` layers, compress and approx_bp see the same activations. At the end of a run the
+adapters are saved in PEFT's format (``PeftModel.from_pretrained(base, run_dir / "adapter")``) and, with
+``save_merged``, the merged model as a Hugging Face model directory (quantized bases are dequantized first).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train.causal_lm import causal_lm_of
+from lowmem_train.targets import repeated_blocks
+
+QUANTIZE = ("none", "nf4", "int8")
+ADAPTER = "default"  # PEFT's adapter name; one adapter per model here
+ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
+
+
+@dataclass
+class LoraOptions:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # class names / name regexes; None: every Linear in the blocks
+    exclude: list[str] = field(default_factory=list)
+    use_dora: bool = False
+    quantize: str = "none"  # frozen base weights: none | nf4 | int8 (bitsandbytes)
+    save_merged: bool = False  # also save base + adapters merged, as a plain Hugging Face model
+
+    def validate(self, strategy: str) -> None:
+        if self.r < 1:
+            raise StrategyError(f"strategy '{strategy}': r={self.r} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise StrategyError(f"strategy '{strategy}': dropout={self.dropout} must be in [0, 1)")
+        if self.quantize not in QUANTIZE:
+            raise StrategyError(f"strategy '{strategy}': quantize={self.quantize}; valid: {', '.join(QUANTIZE)}")
+        if self.use_dora and self.quantize == "int8":
+            # PEFT's DoRA norm dequantizes the int8 weight in a way bitsandbytes' int8 matmul cannot run after.
+            raise StrategyError(f"strategy '{strategy}': use_dora=true cannot be combined with quantize=int8 "
+                                "(bitsandbytes' int8 matmul fails after DoRA's dequantization); use quantize=nf4 or none")
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``nn.Linear`` inside the repeated blocks (attention and MLP projections; not the embeddings or
+    the output head)."""
+    return [(f"{block_name}.{name}", module) for block_name, block in repeated_blocks(model)
+            for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+
+
+def adapted_model(model: nn.Module) -> nn.Module:
+    """What carries the adapters: the causal LM inside the recipe's wrapper (so the saved adapter fits
+    ``AutoModelForCausalLM``), or the model itself."""
+    return causal_lm_of(model) or model
+
+
+class Lora(Strategy):
+    exact = False  # trains other parameters than full fine-tuning: a different optimisation, not an approximation
+    order = 5  # swaps linear layers: before approx_bp (10), VeLoRA (40) and the forward wrappers
+    Options = LoraOptions
+    summary = "frozen (optionally NF4/int8) base weights, trainable low-rank adapters (PEFT): no grads or optimizer state for the base"
+
+    def plan(self, model: nn.Module) -> list[Touch]:
+        target = adapted_model(model)
+        if hasattr(target, "peft_config"):
+            raise StrategyError(f"strategy '{self.name}': the model already carries PEFT adapters; apply lora to the "
+                                "base model")
+        chosen = select_modules(target, strategy=self.name, targets=self.options.target_modules,
+                                exclude=self.options.exclude, default=block_linears,
+                                what="linear layers inside the repeated blocks")
+        unsupported = [(n, m) for n, m in chosen if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+        if unsupported:
+            name, module = unsupported[0]
+            raise StrategyError(f"strategy '{self.name}': {name} is a {type(module).__name__}; LoRA adapts "
+                                "Linear, Conv2d and Embedding layers")
+        if self.options.quantize != "none":
+            not_linear = [n for n, m in chosen if not isinstance(m, nn.Linear)]
+            if not_linear:
+                raise StrategyError(f"strategy '{self.name}': quantize={self.options.quantize} stores Linear weights "
+                                    f"only; {not_linear[0]} is not one (exclude it or use quantize=none)")
+        kind = "DoRA" if self.options.use_dora else "LoRA"
+        weights = "frozen" if self.options.quantize == "none" else f"frozen, {self.options.quantize}"
+        return [Touch(name, type(module).__name__, f"{kind} r={self.options.r} ({weights} base)")
+                for name, module in chosen]
+
+    def apply(self, model: nn.Module, plan: list[Touch]) -> None:
+        apply_lora(adapted_model(model), [t.module for t in plan], self.options)
+        self.figures = {"adapted_layers": len(plan),
+                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        "saved": ADAPTER_DIR + (f", {MERGED_DIR}" if self.options.save_merged else "")}
+
+    def callbacks(self) -> list:
+        return [SaveAdapters(self.options.save_merged)]
+
+    def report(self) -> dict:
+        return getattr(self, "figures", {})
+
+
+def lora_config(target_modules: list[str], options: LoraOptions):
+    from peft import LoraConfig
+
+    return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                      target_modules=target_modules, use_dora=options.use_dora, bias="none")
+
+
+def apply_lora(model: nn.Module, module_names: list[str], options: LoraOptions) -> None:
+    """Freeze ``model``, store the named Linear layers' weights quantized if asked, inject PEFT adapters."""
+    from peft import inject_adapter_in_model
+
+    if options.quantize != "none":
+        for name in module_names:
+            parent, _, child = name.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            setattr(holder, child, quantized_linear(getattr(holder, child), options.quantize))
+    # PEFT picks its bitsandbytes adapter layers when the model says it is loaded in 4/8 bits.
+    flag = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}.get(options.quantize)
+    if flag:
+        setattr(model, flag, True)
+    try:
+        # Exact names: PEFT matches a target when the module's name equals it or ends with "." + it.
+        inject_adapter_in_model(lora_config(module_names, options), model, adapter_name=ADAPTER)
+    finally:
+        if flag:
+            delattr(model, flag)
+
+
+def quantized_linear(linear: nn.Linear, quantize: str) -> nn.Module:
+    """The frozen ``linear`` as a bitsandbytes layer: NF4 (blocks of 64, double-quantised scales, computing in
+    the weight's dtype) or LLM.int8 (row-wise int8, outlier columns above 6 in higher precision)."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach()
+    bias = linear.bias is not None
+    if quantize == "nf4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=weight.dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval forward and
+        # from then on multiplies in bf16 through an op without autograd: training after a validation pass
+        # gets wrong adapter gradients and dequantizing (merge) reads the repacked bytes as NF4. Keep one format.
+        layer.support_avx512bf16_for_cpu = False
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                    threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+    return layer.to(weight.device if weight.device.type != "meta" else "cpu")  # bitsandbytes quantizes on .to()
+
+
+def lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under the names PEFT writes (``base_model.model.<module>.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {f"base_model.model.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Save the adapters of a model with lora applied in PEFT's format: ``PeftModel.from_pretrained(base,
+    directory)`` loads them onto the base model."""
+    from safetensors.torch import save_file
+
+    model = adapted_model(model)
+    directory = Path(directory)
+    config = model.peft_config[ADAPTER]
+    config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config.save_pretrained(str(directory))
+    save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@torch.no_grad()
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The frozen weight in float32, read without side effects (PEFT's helper re-places an int8 weight on the
+    CPU, which drops its scales: the layer's next forward then fails)."""
+    weight = linear.weight
+    if not type(weight).__module__.startswith("bitsandbytes"):
+        return weight.detach().float()
+    import bitsandbytes as bnb
+
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    codes = linear.state.CB if linear.state.CB is not None else weight.data  # an Int8Params
+    scales = linear.state.SCB if linear.state.SCB is not None else weight.SCB
+    return bnb.functional.int8_vectorwise_dequant(codes, scales).float()
+
+
+def merged_weight(layer) -> torch.Tensor:
+    """Base weight (dequantized) plus the adapter's update; for DoRA rescaled row-wise to its magnitude."""
+    base = dequantized_weight(layer.get_base_layer())
+    combined = base + layer.get_delta_weight(ADAPTER).float()
+    if layer.use_dora.get(ADAPTER):
+        magnitude = layer.lora_magnitude_vector[ADAPTER].weight.float()
+        combined = combined * (magnitude / combined.norm(p=2, dim=1)).unsqueeze(1)
+    return combined
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every adapted layer merged; the trained model is not changed."""
+    layers = dict(lora_layers(model))
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in layers):
+            continue  # inside an adapted layer: its merged weight stands for it
+        prefix = f"{name}." if name else ""
+        if name in layers:
+            state[prefix + "weight"] = merged_weight(module).to(dtype)
+            bias = module.get_base_layer().bias
+            if bias is not None:
+                state[prefix + "bias"] = bias.detach().to(dtype)
+            continue
+        for key, value in module.named_parameters(recurse=False):
+            state[prefix + key] = value.detach()
+        for key, value in module.named_buffers(recurse=False):
+            if key not in module._non_persistent_buffers_set:
+                state[prefix + key] = value
+    return {key: value.cpu().contiguous() for key, value in state.items()}
+
+
+def save_merged(model: nn.Module, directory: str | Path) -> Path:
+    """Save base + adapters merged as a Hugging Face model directory (``AutoModelForCausalLM.from_pretrained``)."""
+    model = adapted_model(model)
+    if not hasattr(model, "save_pretrained"):
+        raise StrategyError(f"strategy 'lora': save_merged needs a Hugging Face model; {type(model).__name__} is not one")
+    dtype = getattr(model.config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    directory = Path(directory)
+    model.save_pretrained(str(directory), state_dict=merged_state_dict(model, dtype))
+    # The directory is a plain model: no trace of the adapters' PEFT config.
+    (directory / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((directory / "config.json").read_text()).items() if k != "peft_config"},
+        indent=2) + "\n")
+    return directory
+
+
+class SaveAdapters(L.Callback):
+    """At the end of training: ``<run_dir>/adapter`` (PEFT format) and, if asked, ``<run_dir>/merged``."""
+
+    def __init__(self, merged: bool):
+        self.merged = merged
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        run_dir = Path(trainer.default_root_dir)
+        save_adapter(pl_module.model, run_dir / ADAPTER_DIR)
+        if self.merged:
+            save_merged(pl_module.model, run_dir / MERGED_DIR)
