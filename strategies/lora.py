@@ -139,6 +139,11 @@ def apply_lora(model: nn.Module, module_names: list[str], options: LoraOptions) 
     finally:
         if flag:
             delattr(model, flag)
+    # Adapters of a bf16/fp16 base train in float32 (as PEFT's get_peft_model does): their small updates would
+    # round away in 8 mantissa bits, and they are a few MB. trainer.precision=bf16-true casts them back.
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
 
 
 def quantized_linear(linear: nn.Linear, quantize: str) -> nn.Module:

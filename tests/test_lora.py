@@ -220,3 +220,33 @@ def test_qlora_run_reports_frozen_split_saves_adapters_and_resumes_exactly(tmp_p
     assert whole["param_bytes"] > whole["frozen_param_bytes"] > 0
     assert (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").is_file()
     assert read_report(tmp_path / "whole")["strategy_report"]["lora"]["adapted_layers"] == 4 * 7  # llama_tiny: 4 blocks x q,k,v,o,gate,up,down
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_bf16_true_halves_the_bytes_and_bf16_mixed_keeps_fp32_weights(tmp_path, quantize):
+    """Under bf16-true the trainable and frozen float weights, their gradients and the optimizer state are
+    bf16 (half of bf16-mixed, which keeps fp32 weights); NF4 codes stay 4-bit either way."""
+    run = (*QLORA_RUN[:-2], f"strategy.lora.quantize={quantize}", "strategy.lora.r=4", "trainer.max_steps=3")
+    mixed = train(compose_config(*run, "trainer.precision=bf16-mixed", run_dir=tmp_path / "mixed"))
+    true = train(compose_config(*run, "trainer.precision=bf16-true", run_dir=tmp_path / "true"))
+    assert true["grad_bytes"] * 2 == mixed["grad_bytes"] > 0
+    steps = mixed["optimizer_state_bytes"] - 2 * mixed["grad_bytes"]  # AdamW's fp32 step counters
+    assert true["optimizer_state_bytes"] - steps == 2 * true["grad_bytes"] and 0 < steps < 1024
+    trainable = mixed["param_bytes"] - mixed["frozen_param_bytes"]
+    assert (true["param_bytes"] - true["frozen_param_bytes"]) * 2 == trainable
+    if quantize == "none":
+        assert true["frozen_param_bytes"] * 2 == mixed["frozen_param_bytes"]
+    else:  # the NF4 codes and their scales do not change with the precision; embeddings and norms halve
+        assert mixed["frozen_param_bytes"] / 2 < true["frozen_param_bytes"] < mixed["frozen_param_bytes"]
+    assert all(torch.isfinite(torch.tensor(r["final_train_loss"])) for r in (mixed, true))
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_adapters_of_a_bf16_base_train_in_float32(quantize):
+    model = tiny_lm().to(torch.bfloat16)
+    apply_strategies(model, {"lora": {"r": 4, "quantize": quantize}})
+    loss = loss_of(model, transformer_batch())
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainable)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {torch.bfloat16, torch.uint8}
