@@ -15,6 +15,7 @@ adapters are saved in PEFT's format (``PeftModel.from_pretrained(base, run_dir /
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ class LoraOptions:
             raise StrategyError(f"strategy '{strategy}': dropout={self.dropout} must be in [0, 1)")
         if self.quantize not in QUANTIZE:
             raise StrategyError(f"strategy '{strategy}': quantize={self.quantize}; valid: {', '.join(QUANTIZE)}")
+        needed = ["peft"] + (["bitsandbytes"] if self.quantize != "none" else [])
+        missing = [package for package in needed if importlib.util.find_spec(package) is None]
+        if missing:
+            raise StrategyError(f"strategy '{strategy}' needs {' and '.join(missing)}: "
+                                "pip install 'lowmem-train[lora]'")
         if self.use_dora and self.quantize == "int8":
             # PEFT's DoRA norm dequantizes the int8 weight in a way bitsandbytes' int8 matmul cannot run after.
             raise StrategyError(f"strategy '{strategy}': use_dora=true cannot be combined with quantize=int8 "

@@ -177,6 +177,15 @@ def test_bad_lora_options_are_one_line_errors(options, message):
         apply_strategies(tiny_lm(), {"lora": options})
 
 
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(StrategyError, match=r"needs bitsandbytes: pip install 'lowmem-train\[lora\]'"):
+        apply_strategies(tiny_lm(), {"lora": {"quantize": "nf4"}})
+
+
 def test_lora_on_a_model_that_already_has_adapters_is_refused():
     model = tiny_lm()
     apply_strategies(model, {"lora": {"r": 4}})
