@@ -8,6 +8,11 @@ A second Ctrl-C aborts at once.
 Exact resume: checkpoints hold the RNG states and the position in the epoch, and the train loader's
 ``EpochShuffle`` sampler skips what was consumed, so a resumed run draws the batches and random numbers
 (dropout masks) the uninterrupted run would have drawn.
+
+Every checkpoint is saved at the end of a training batch, also the periodic ones (an epoch's last step, the
+run's last step): Lightning's ModelCheckpoint saves at epoch end, after the loop has counted the epoch as
+processed but not completed, and a run resumed from there shifts every later epoch's sampler seed by one
+and, from a max_steps stop mid-epoch, repeats batches.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ class RunControl(L.Callback):
     makes a resumed run continue exactly. Place it after every strategy callback, so the checkpoint it saves
     holds their state after the step."""
 
-    def __init__(self, run_dir: str | Path, train_loader, on_nonfinite: str = "stop"):
+    def __init__(self, run_dir: str | Path, train_loader, on_nonfinite: str = "stop", every_epoch: bool = False):
         self.checkpoint_path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.every_epoch = every_epoch  # also checkpoints/step<N>.ckpt after each epoch and the run's last step
         self.sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochShuffle) else None
         self.batch_size = train_loader.batch_size
         self.on_nonfinite = on_nonfinite
@@ -108,16 +114,32 @@ class RunControl(L.Callback):
     # -- stopping at a step boundary, with a checkpoint -------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.position = (trainer.current_epoch, batch_idx + 1)
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
-        if not stepped or not trainer.strategy.reduce_boolean_decision(self.stop is not None, all=False):
-            return
-        reason, exit_code = self.stop or ("stopped by another rank", 1)
-        if exit_code != NONFINITE_EXIT_CODE:
-            reason += f" after step {trainer.global_step}"
-        if self.checkpoint_path.is_symlink():
-            self.checkpoint_path.unlink()  # ModelCheckpoint's last.ckpt link: do not write through it
-        trainer.save_checkpoint(self.checkpoint_path)
-        raise RunStopped(reason, trainer.global_step, exit_code, self.checkpoint_path)
+        epoch_done = batch_idx + 1 == trainer.num_training_batches
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not epoch_done:
+            return  # not an optimizer step
+        if trainer.strategy.reduce_boolean_decision(self.stop is not None, all=False):
+            reason, exit_code = self.stop or ("stopped by another rank", 1)
+            if exit_code != NONFINITE_EXIT_CODE:
+                reason += f" after step {trainer.global_step}"
+            if self.checkpoint_path.is_symlink():
+                self.checkpoint_path.unlink()  # the periodic last.ckpt link: do not write through it
+            trainer.save_checkpoint(self.checkpoint_path)
+            raise RunStopped(reason, trainer.global_step, exit_code, self.checkpoint_path)
+        if self.every_epoch and (epoch_done or trainer.global_step == trainer.max_steps):
+            self.save_periodic(trainer)
+
+    def save_periodic(self, trainer) -> None:
+        """``checkpoints/step<N>.ckpt``, with ``last.ckpt`` linking to it; the previous one is removed."""
+        directory = self.checkpoint_path.parent
+        path = directory / f"step{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            previous = self.checkpoint_path.resolve() if self.checkpoint_path.is_symlink() else None
+            self.checkpoint_path.unlink(missing_ok=True)
+            self.checkpoint_path.symlink_to(path.name)
+            if previous is not None and previous != path.resolve():
+                previous.unlink(missing_ok=True)
+        trainer.strategy.barrier()
 
     def state_dict(self):
         return {"rng": get_rng_state(), "position": self.position}

@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -313,7 +312,8 @@ def train(cfg: DictConfig) -> dict | None:
         check_fresh_run_dir(run_dir)
     touched = apply_built(model, strategies)
     train_loader, val_loader = recipe.build_dataloaders()
-    run_control = RunControl(run_dir, train_loader, settings.on_nonfinite)
+    run_control = RunControl(run_dir, train_loader, settings.on_nonfinite,
+                             every_epoch=bool(cfg.trainer.get("enable_checkpointing")))
     module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"), run_control)
     if settings.ckpt_path:
         identity = checkpoints.run_identity(recipe.name, model, strategies)
@@ -324,13 +324,11 @@ def train(cfg: DictConfig) -> dict | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()] + [run_control]
-    if cfg.trainer.get("enable_checkpointing"):
-        # <run_dir>/checkpoints/last.ckpt: a path Hydra parses unquoted in ckpt_path=... (no '=' in it).
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
-                                         auto_insert_metric_name=False, save_last="link"))
     names = [s.name for s in strategies] or ["none"]
     logger = build_logger(cfg, run_dir, run_name=f"{recipe.name}-{'+'.join(names)}")
-    trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    # RunControl writes the checkpoints (see run_control.py for why not Lightning's ModelCheckpoint)
+    trainer = L.Trainer(**{**trainer_kwargs(cfg), "enable_checkpointing": False}, logger=logger, callbacks=callbacks,
+                        default_root_dir=str(run_dir))
     stopped = None
     try:
         try:

@@ -26,6 +26,25 @@ def test_resume_reapplies_strategies_and_continues_from_the_saved_step(tmp_path)
     assert report["modules_touched"] == {"checkpoint": 4} and report["optimizer_state_bytes"] > 0
 
 
+@pytest.mark.parametrize("first_steps", [4, 6], ids=["mid-epoch", "epoch-end"])
+def test_a_run_ended_by_max_steps_resumes_into_the_uninterrupted_loss_curve(tmp_path, first_steps):
+    """The periodic checkpoint of a finished run (6 batches per epoch here) continues exactly: the same
+    batches in the same order, also in the epochs after the resumed one."""
+    run = (*TINY, "data.num_samples=24", "logger=csv", "trainer.enable_checkpointing=true", "optimizer.lr=0.01")
+
+    def losses(name, *overrides):
+        train(compose_config(*run, *overrides, run_dir=tmp_path / name))
+        with open(tmp_path / name / "memory.csv") as f:
+            return [float(row["loss"]) for row in csv.DictReader(f)]
+
+    whole = losses("whole", "trainer.max_steps=14")
+    first = losses("first", f"trainer.max_steps={first_steps}")
+    checkpoints = tmp_path / "first" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", f"step{first_steps}.ckpt"]
+    resumed = losses("resumed", "trainer.max_steps=14", f"ckpt_path={checkpoints / 'last.ckpt'}")
+    assert first + resumed == whole
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_peak_memory_is_measured_per_step(tmp_path):
     report = train(compose_config(*TINY, "trainer=debug", "trainer.accelerator=gpu", run_dir=tmp_path))
