@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ class LoraOptions:
     exclude: list[str] = field(default_factory=list)
     use_dora: bool = False
     quantize: str = "none"  # frozen base weights: none | nf4 | int8 (bitsandbytes)
+    seed: int = 0  # the adapters' initialisation draws from this generator, never the model's RNG stream
     save_merged: bool = False  # also save base + adapters merged, as a plain Hugging Face model
 
     def validate(self, strategy: str) -> None:
@@ -139,17 +141,35 @@ def apply_lora(model: nn.Module, module_names: list[str], options: LoraOptions) 
     flag = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}.get(options.quantize)
     if flag:
         setattr(model, flag, True)
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        # Exact names: PEFT matches a target when the module's name equals it or ends with "." + it.
-        inject_adapter_in_model(lora_config(module_names, options), model, adapter_name=ADAPTER)
+        # PEFT initialises lora_A from the global RNG: keep the model's stream (dropout masks) untouched.
+        with torch.random.fork_rng(devices=cuda_devices):
+            # Exact names: PEFT matches a target when the module's name equals it or ends with "." + it.
+            inject_adapter_in_model(lora_config(module_names, options), model, adapter_name=ADAPTER)
     finally:
         if flag:
             delattr(model, flag)
+    initialise_adapters(model, options.seed)
     # Adapters of a bf16/fp16 base train in float32 (as PEFT's get_peft_model does): their small updates would
     # round away in 8 mantissa bits, and they are a few MB. trainer.precision=bf16-true casts them back.
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
             parameter.data = parameter.data.float()
+
+
+def initialise_adapters(model: nn.Module, seed: int) -> None:
+    """PEFT's default initialisation (A Kaiming-uniform, B zero; embeddings A zero, B normal), drawn from the
+    strategy's own generator so the same seed gives the same adapters in every process and order."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for module in layer.lora_A.values():
+                weight = module.weight
+                values = nn.init.kaiming_uniform_(torch.empty(weight.shape), a=math.sqrt(5), generator=generator)
+                weight.copy_(values)
+            for parameter in layer.lora_embedding_B.values():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
 
 
 def quantized_linear(linear: nn.Linear, quantize: str) -> nn.Module:

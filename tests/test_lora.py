@@ -259,3 +259,21 @@ def test_adapters_of_a_bf16_base_train_in_float32(quantize):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainable)
     assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {torch.bfloat16, torch.uint8}
+
+
+def test_adapter_initialisation_draws_from_its_own_generator():
+    """The model's RNG stream (and so its dropout masks) is the same with and without lora; the same seed
+    gives the same adapters whatever the global RNG state, another seed others."""
+    def adapters(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    first, second, other_seed = tiny_lm(), tiny_lm(), tiny_lm()
+    torch.manual_seed(5)
+    apply_strategies(first, {"lora": {"r": 4}})
+    after_lora = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_lora)
+    apply_strategies(second, {"lora": {"r": 4}})
+    apply_strategies(other_seed, {"lora": {"r": 4, "seed": 1}})
+    torch.testing.assert_close(adapters(first), adapters(second), rtol=0, atol=0)
+    assert not torch.equal(*(next(v for k, v in adapters(m).items() if "lora_A" in k) for m in (first, other_seed)))
