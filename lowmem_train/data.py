@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from .errors import ConfigError
 
 def check_data_config(data: DictConfig) -> None:
-    """The counts and sizes a data config holds are integers >= 1 (``num_workers`` >= 0, ``image_size`` may be null)."""
-    for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers"):
-        if key not in data or (key == "image_size" and data[key] is None):
+    """The counts and sizes a data config holds are integers >= 1 (``num_workers`` >= 0, ``image_size`` and
+    ``num_proc`` may be null)."""
+    for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers", "num_proc"):
+        if key not in data or (key in ("image_size", "num_proc") and data[key] is None):
             continue
         value, least = data[key], 0 if key == "num_workers" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -44,12 +45,13 @@ class EpochShuffle(RandomSampler):
         yield from order[skip:]
 
 
-def make_loader(dataset: Dataset, data: DictConfig, *, train: bool) -> DataLoader:
+def make_loader(dataset: Dataset, data: DictConfig, *, train: bool, collate_fn=None) -> DataLoader:
     workers = int(data.get("num_workers", 0))
     seed = int(data.get("seed", 0))
     return DataLoader(
         dataset,
         batch_size=int(data.batch_size),
+        collate_fn=collate_fn,
         sampler=EpochShuffle(dataset, seed) if train else None,
         drop_last=train and len(dataset) > int(data.batch_size),
         num_workers=workers,

@@ -214,6 +214,8 @@ def format_report(report: dict) -> str:
         f"  throughput           {report['samples_per_s']:.1f} samples/s" if report["samples_per_s"] else "",
         f"  final train loss     {report['final_train_loss']:.4f}",
     ]
+    if report.get("data"):
+        lines.append("  data                 " + ", ".join(f"{k}={v}" for k, v in report["data"].items()))
     for name, figures in report.get("strategy_report", {}).items():
         lines.append(f"  {name:<20} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in figures.items() if not isinstance(v, (dict, list))))

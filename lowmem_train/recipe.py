@@ -74,6 +74,10 @@ class Recipe:
     def forward(self, model: nn.Module, batch) -> StepOutput:
         raise NotImplementedError
 
+    def data_report(self) -> dict:
+        """What ``build_dataloaders`` made of the data (counts of examples, rows, tokens), for the run report."""
+        return {}
+
     def validation_step(self, model: nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
         """Metrics of one validation batch (averaged over batches by Lightning) and its size."""
         raise NotImplementedError

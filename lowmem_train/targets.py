@@ -66,6 +66,7 @@ def select_modules(
     exclude: Iterable[str] = (),
     default: Callable[[nn.Module], Selection],
     what: str = "modules",
+    option: str = "targets",
 ) -> Selection:
     """Modules named by ``targets`` (or ``default(model)`` when targets is None), minus ``exclude``.
 
@@ -77,7 +78,7 @@ def select_modules(
     else:
         targets = list(targets)
         chosen = [(n, m) for n, m in model.named_modules() if n and any(matches(p, n, m) for p in targets)]
-        source = f"targets {targets}"
+        source = f"{option} {targets}"
     exclude = list(exclude)
     chosen = [(n, m) for n, m in chosen if not any(matches(p, n, m) for p in exclude)]
     if not chosen:
@@ -85,6 +86,6 @@ def select_modules(
         hint = f" minus exclude {exclude}" if exclude else ""
         raise StrategyError(
             f"strategy '{strategy}': {source}{hint} match no module of {type(model).__name__}; "
-            f"set strategy.{strategy}.targets to class names or name regexes, e.g. one of {classes[:12]}"
+            f"set strategy.{strategy}.{option} to class names or name regexes, e.g. one of {classes[:12]}"
         )
     return chosen

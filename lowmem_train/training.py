@@ -356,6 +356,7 @@ def train(cfg: DictConfig) -> dict | None:
             "validation": validation,
             "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
             "strategy_report": {s.name: figures for s in strategies if (figures := s.report())},
+            "data": recipe.data_report(),
             "nonfinite_skipped_steps": run_control.skipped_steps,
             "stopped": None if stopped is None else {
                 "reason": stopped.reason, "step": stopped.step, "exit_code": stopped.exit_code,

@@ -92,7 +92,7 @@ class Lora(Strategy):
                                 "base model")
         chosen = select_modules(target, strategy=self.name, targets=self.options.target_modules,
                                 exclude=self.options.exclude, default=block_linears,
-                                what="linear layers inside the repeated blocks")
+                                what="linear layers inside the repeated blocks", option="target_modules")
         unsupported = [(n, m) for n, m in chosen if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
         if unsupported:
             name, module = unsupported[0]

@@ -6,15 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from llm_fixtures import tiny_pretrained_llm  # noqa: F401  (a fixture)
 from lowmem_train.cli import CONFIG_DIR, CONFIG_NAME
 
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_datasets_"))  # tokenised corpora, not in ~
 CORPUS = (
     "Memory is the wall that training runs into first. Activations saved for backward grow with batch, "
     "sequence and depth, while parameters stay fixed. Checkpointing recomputes, compression quantizes, "

@@ -146,7 +146,7 @@ def test_saved_bytes_of_the_loss_path_fall_more_than_20x():
             output = m.loss_head(hidden, ids, m.get_output_embeddings())
         saved[name] = meter.bytes + sum(t.nbytes for t in (output.per_sample_loss, output.per_sample_count))
         with SavedBytesMeter(m) as meter:
-            recipe.forward(m, (ids,))
+            recipe.forward(m, {"input_ids": ids, "labels": ids})
         total[name] = meter.bytes
     assert saved["chunked"] * 20 <= saved["plain"], saved
     assert total["plain"] - total["chunked"] >= 0.9 * (saved["plain"] - saved["chunked"]), total
@@ -157,9 +157,9 @@ def test_trainer_path_never_calls_the_output_embedding_in_training_or_validation
     model = apply_strategies(recipe.build_model(), "chunked_ce")
     model.get_output_embeddings().forward = None  # full logits would call it
     ids = torch.randint(0, 4096, (4, 64))
-    output = recipe.forward(model, (ids,))
+    output = recipe.forward(model, {"input_ids": ids, "labels": ids})
     assert output.logits is None and output.per_sample_count.tolist() == [63] * 4
-    metrics, size = recipe.validation_step(model, (ids,))
+    metrics, size = recipe.validation_step(model, {"input_ids": ids, "labels": ids})
     assert size == 4 and torch.isclose(metrics["val/loss"], output.mean_loss().detach())
 
 
@@ -167,7 +167,7 @@ def test_trainer_reduces_token_loss_sums_over_target_tokens():
     recipe = llama_recipe()
     module = TrainingModule(recipe, apply_strategies(recipe.build_model(), "chunked_ce"), [], None)
     ids = torch.randint(0, 4096, (4, 64))
-    loss = module.training_step((ids,), 0)
+    loss = module.training_step({"input_ids": ids, "labels": ids}, 0)
     output = module.last_output
     assert output.logits is None and not output.per_sample_loss.requires_grad
     torch.testing.assert_close(loss.detach(), output.per_sample_loss.sum() / (4 * 63))
@@ -191,7 +191,7 @@ def test_skip_backward_skips_by_confidence_with_chunked_ce():
     model.causal_lm.base_model.register_forward_hook(
         lambda m, args, kwargs, out: forwarded.append((len(kwargs["input_ids"]), torch.is_grad_enabled())),
         with_kwargs=True)
-    module.training_step((ids,), 0).backward()
+    module.training_step({"input_ids": ids, "labels": ids}, 0).backward()
     kept = skip.state.pending[:, 2] == 0
     assert torch.equal(kept, confidence <= skip.state.threshold) and 0 < kept.sum() < 8
     assert forwarded == [(8, False), (int(kept.sum()), True)]  # scoring pass, then the unsure samples only

@@ -83,7 +83,7 @@ def test_dry_run_lists_touched_modules_without_training(tmp_path):
 
 def test_llama_finetune_from_a_local_model_directory_and_json_files(tmp_path, tiny_llama_dir, corpus_file):
     out = tmp_path / "run"
-    result = run_cli("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data.path=json",
+    result = run_cli("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data=text", "data.path=json",
                      f"data.data_files={corpus_file}", "data.seq_len=16", "data.val_fraction=0.2",
                      "strategy=checkpoint", "trainer=debug", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

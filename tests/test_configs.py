@@ -48,7 +48,7 @@ def test_every_recipe_and_strategy_composes_and_builds(recipe, strategy):
 
 def test_recipe_picks_its_model_and_data_and_the_command_line_wins():
     cfg = compose_config("recipe=llama_finetune")
-    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.data.name == "text"
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.data.name == "instruct"
     cfg = compose_config("recipe=llama_finetune", "model=llama_tiny", "data=synthetic")
     assert cfg.model.config.hidden_size == 64 and cfg.data.name == "synthetic"
 

@@ -18,15 +18,17 @@ def test_digits_are_real_images_split_into_train_and_validation():
 
 
 def test_llama_loads_a_local_model_and_tokenizes_local_json(tiny_llama_dir, corpus_file):
-    recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data.path=json",
+    recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data=text",
+                                         "data.path=json",
                                          f"data.data_files={corpus_file}", "data.seq_len=16", "data.val_fraction=0.2"))
     model = recipe.build_model()
     assert type(model.causal_lm).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 32
     train, val = recipe.build_dataloaders()
-    (ids,) = next(iter(train))
-    assert ids.shape == (8, 16) and ids.max() < model.config.vocab_size
+    batch = next(iter(train))
+    ids = batch["input_ids"]
+    assert ids.shape == (8, 16) and ids.max() < model.config.vocab_size and torch.equal(batch["labels"], ids)
     assert len(val.dataset) > 0
-    output = recipe.forward(model, (ids,))
+    output = recipe.forward(model, batch)
     assert output.num_tokens == 8 * 15 and output.per_sample_loss.shape == (8,) and output.logits is None
     assert output.per_sample_count.tolist() == [15] * 8
 
@@ -61,5 +63,5 @@ def test_data_source_must_fit_the_recipe():
 
 def test_synthetic_tokens_use_the_model_vocabulary():
     recipe = build_recipe(compose_config("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=32"))
-    (ids,) = next(iter(recipe.build_dataloaders()[0]))
+    ids = next(iter(recipe.build_dataloaders()[0]))["input_ids"]
     assert ids.shape == (32, 32) and ids.max() < 512 and ids.dtype == torch.long
