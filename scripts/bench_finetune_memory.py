@@ -236,7 +236,8 @@ def torchtune_reference() -> str | None:
                         if not more.startswith("  ") or more.lstrip().startswith("-"):
                             break
                         bullet.append(more.strip())
-                    return " ".join(bullet)
+                    text = " ".join(bullet)
+                    return text[:text.index(").") + 2] if ")." in text else text  # that sentence only
     return None
 
 
@@ -260,12 +261,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
     keys = ["params", "weights", "grads", "optimizer", "activations"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["config", "layers"] + [f"pred_{k}" for k in keys] + [f"meas_{k}" for k in keys]
+        writer.writerow(["config", "layers"] + [f"pred_{k}" for k in keys] + [f"meas_{k}" for k in keys[1:]]
                         + [f"full_{k}" for k in keys] + ["error"])
         for row in rows:
             meas = row.get("meas", {})
             writer.writerow([row["config"], row["layers"]] + [row["pred"][k] for k in keys]
-                            + [meas.get(k, "") for k in keys] + [row["full"][k] for k in keys] + [row.get("error", "")])
+                            + [meas.get(k, "") for k in keys[1:]] + [row["full"][k] for k in keys] + [row.get("error", "")])
 
 
 def main(argv=None) -> list[dict]:
