@@ -47,11 +47,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
 
 def frozen_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights that do not train: every state-dict entry that is neither a trainable parameter
-    nor a buffer, so quantized weights count with their scales (bitsandbytes keeps those beside the codes)."""
+    nor a buffer, so quantized weights count with their scales (bitsandbytes keeps those beside the codes).
+    A tied weight (Llama-3.2's output head is its embedding) is one storage under two state-dict names: it
+    counts where its storage does, so a trainable tied embedding is not also counted as a frozen head."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name for name, _ in model.named_buffers()}
+    trainable_storages = {s.data_ptr() for p in model.parameters() if p.requires_grad for s in storages(p)}
     return tensor_bytes(v for k, v in model.state_dict(keep_vars=True).items()
-                        if k not in trainable and k not in buffers and isinstance(v, torch.Tensor))
+                        if k not in trainable and k not in buffers and isinstance(v, torch.Tensor)
+                        and not any(s.data_ptr() in trainable_storages for s in storages(v)))
 
 
 class MemoryMonitor(L.Callback):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import compose_config
-from lowmem_train.memory import COLUMNS, format_report, optimizer_state_bytes
+from lowmem_train.memory import COLUMNS, format_report, frozen_weight_bytes, optimizer_state_bytes
 from lowmem_train.sweep import sweep_table
 from lowmem_train.training import build_recipe, train
 
@@ -41,6 +41,18 @@ def test_checkpoint_reduces_measured_activation_bytes(tmp_path):
     checkpointed = tiny_llama_run(tmp_path / "ckpt", "strategy=checkpoint")
     assert checkpointed["activation_bytes"] < plain["activation_bytes"] / 2
     assert abs(checkpointed["final_train_loss"] - plain["final_train_loss"]) < 1e-5
+
+
+def test_a_trained_tied_embedding_is_not_also_a_frozen_head():
+    """Llama-3.2 ties its output head to the embedding: one storage under two state-dict names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert frozen_weight_bytes(model) == 0
+    model.requires_grad_(False)
+    assert frozen_weight_bytes(model) == sum(p.nbytes for p in model.parameters())  # counted once
 
 
 def test_optimizer_state_bytes_counts_every_state_tensor():
