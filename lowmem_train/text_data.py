@@ -176,9 +176,10 @@ def instruct_rows(corpus, tokenizer, data: DictConfig) -> tuple[TokenRows, dict]
     tokenized = corpus.map(tokenize, batched=True, remove_columns=columns, num_proc=data.get("num_proc"),
                            desc="tokenizing")
     # a row trains on the targets after its first token (labels shift by one inside the loss)
-    kept = [i for i, labels in enumerate(tokenized["labels"]) if any(l != IGNORE_INDEX for l in labels[1:])]
-    input_ids = [tokenized["input_ids"][i] for i in kept]
-    labels = [tokenized["labels"][i] for i in kept]
+    all_ids, all_labels = tokenized["input_ids"], tokenized["labels"]  # each column read from Arrow once
+    kept = [i for i, labels in enumerate(all_labels) if any(l != IGNORE_INDEX for l in labels[1:])]
+    input_ids = [all_ids[i] for i in kept]
+    labels = [all_labels[i] for i in kept]
     if not kept:
         raise ConfigError(f"data.path={data.path}: no example keeps a response token within data.seq_len={seq_len}")
     counts = {"source": "instruct", "examples": len(corpus), "truncated": sum(tokenized["truncated"]),
