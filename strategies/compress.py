@@ -9,6 +9,11 @@ the shape for average pooling, and for mostly-zero tensors a bitmap (shared with
 when the tensor is that op's output) or positions plus the non-zero values. Parameters and buffers are
 never compressed; a tensor saved by several ops is encoded once.
 
+Pretrained models carry hazards that tiny random ones hide, each handled where a tensor is packed: the
+one value per group farthest from its mean is kept exact (``outliers``: massive activations), tensors
+with inf/NaN or a log-softmax output stay exact, so do tensors that need no gradient and are not the
+model's input, and the operands of ``scaled_dot_product_attention`` keep at least 8 bits.
+
 Module knowledge comes from forward hooks: every module pushes its kind (conv, linear, ...) while it
 runs, so the stage knows which kind of layer saves each tensor (the ``layers`` and ``exclude`` options,
 the per-layer bit allocation of the adaptive mode). ReLU, dropout and pooling modules get a forward that
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
@@ -54,6 +60,7 @@ class CompressOptions:
     adaptive: bool = False  # per-tensor bits (1/2/4/8) by measured sensitivity, averaging `bits`
     adapt_every: int = 1000  # steps between two calibrations (adaptive mode; training forwards in a plain loop)
     seed: int = 0  # seed of the strategy's own stochastic-rounding generators
+    outliers: int = 1  # values per group kept exact (the farthest from the group's mean), below 8 bits
 
     def validate(self, strategy: str) -> None:
         if self.bits not in BITS:
@@ -70,6 +77,10 @@ class CompressOptions:
             )
         if self.min_numel < 0:
             raise StrategyError(f"strategy '{strategy}': option 'min_numel' must be >= 0, got {self.min_numel}")
+        if not 0 <= self.outliers <= 16 or self.outliers >= size // 2:
+            raise StrategyError(
+                f"strategy '{strategy}': option 'outliers' must be in [0, min(16, group_size/2)), got {self.outliers}"
+            )
         if self.adapt_every < 1:
             raise StrategyError(f"strategy '{strategy}': option 'adapt_every' must be >= 1, got {self.adapt_every}")
 
@@ -135,6 +146,34 @@ def dequantize(packed: Tensor, meta: Tensor, bits: int, group_size: int, n: int,
     codes = unpack_bits(packed, bits, groups * group_size).view(groups, group_size)
     low, step = meta.float().unbind(1)
     return torch.addcmul(low[:, None], codes.float(), step[:, None]).view(-1)[:n].to(dtype)
+
+
+def split_outliers(flat: Tensor, k: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` values of each group farthest from its mean, taken out: (the rest, with those replaced
+    by the mean of the others, so they no longer set the group's range; their positions in the group;
+    their exact values).
+
+    Pretrained transformers carry a few huge activations (hundreds to tens of thousands of times the
+    typical value, at a few tokens and channels): one of them in a group makes its step so coarse that
+    every other value of the group is rounded to noise.
+    """
+    n = flat.numel()
+    groups = -(-n // group_size)
+    x = F.pad(flat, (0, groups * group_size - n)).view(groups, group_size)
+    mean = x.mean(dim=1, keepdim=True, dtype=torch.float32)
+    positions = (x.float() - mean).abs_().topk(k, dim=1, sorted=False).indices
+    values = x.gather(1, positions)
+    rest_mean = (mean * group_size - values.float().sum(dim=1, keepdim=True)) / (group_size - k)
+    rest = x.scatter(1, positions, rest_mean.to(x.dtype).expand(-1, k))
+    index_dtype = torch.uint8 if group_size <= 256 else torch.int16
+    return rest.view(-1)[:n], positions.to(index_dtype), values
+
+
+def merge_outliers(flat: Tensor, positions: Tensor, values: Tensor, group_size: int) -> Tensor:
+    n = flat.numel()
+    groups = positions.shape[0]
+    x = F.pad(flat, (0, groups * group_size - n)).view(groups, group_size)
+    return x.scatter_(1, positions.long(), values.to(x.dtype)).view(-1)[:n]
 
 
 def _triton():
@@ -249,6 +288,8 @@ def module_scopes(model: nn.Module, layers: list[str], exclude: list[str]) -> di
 
 _TOP = Scope("", "", "top", True)
 _EXACT = "exact"  # cache entry of a tensor kept as it is
+_LOG_DOMAIN_OPS = {"LogSoftmaxBackward0"}
+_QUANTIZABLE = 2.0**126  # larger magnitudes (and inf/NaN) are kept as they are: a group's range must stay finite
 
 
 @dataclass
@@ -283,6 +324,9 @@ class CompressStage:
         self._encoded: dict = {}
         self._zero_outside: dict = {}
         self._buffers: set[int] = set()
+        self._inputs: set[int] = set()  # storages of the model's inputs (an image batch is compressed)
+        self._attention_mode: _FusedAttentionCalls | None = None
+        self.in_fused_attention = 0  # depth of F.scaled_dot_product_attention calls running
         self._slot_counts: Counter = Counter()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._probe: _Probe | None = None
@@ -293,19 +337,27 @@ class CompressStage:
 
     # --- forward bracketing, called from module hooks
 
-    def begin_forward(self, model: nn.Module, args) -> None:
+    def begin_forward(self, model: nn.Module, args, kwargs) -> None:
         self._clear()
         self._buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self._inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_flatten((args, kwargs))[0]
+                        if isinstance(leaf, Tensor)}
         self._in_forward = True
+        self._attention_mode = _FusedAttentionCalls(self)
+        self._attention_mode.__enter__()
 
     def end_forward(self, model: nn.Module, args, output) -> None:
         self._clear()
         self._in_forward = False
+        if self._attention_mode is not None:
+            self._attention_mode.__exit__(None, None, None)
+            self._attention_mode = None
 
     def _clear(self) -> None:
         self._encoded.clear()
         self._zero_outside.clear()
         self._slot_counts.clear()
+        self._inputs = set()
 
     def enter(self, scope: Scope, module: nn.Module, args) -> None:
         self._scopes.append(scope)
@@ -336,13 +388,14 @@ class CompressStage:
         index = self._slot_counts[scope.name]
         self._slot_counts[scope.name] += 1
         slot_class = (scope.family, index)
-        if not scope.compress:  # kept as it is, and so are later saves of the same tensor
+        if not scope.compress or self._backward_constant(value):  # kept as it is, and so are later saves
             if payload is None:
                 self._encoded[key] = (StorageWeakRef(value.untyped_storage()), _EXACT)
             return value
         if payload is None:
             flat = (value if perm is None else value.permute(perm)).reshape(-1)
-            payload = self._encode(flat, key, (scope.name, index), slot_class)
+            attention_input = self.in_fused_attention and not (value.grad_fn and "Attention" in value.grad_fn.name())
+            payload = self._encode(flat, key, (scope.name, index), slot_class, 8 if attention_input else 0)
             self._encoded[key] = (StorageWeakRef(value.untyped_storage()), payload)
         return value if payload is _EXACT else (value.shape, perm, value.dtype, payload)
 
@@ -352,20 +405,38 @@ class CompressStage:
         shape, perm, dtype, payload = value
         return restore(self._decode(payload, dtype), shape, perm)
 
+    def _backward_constant(self, value: Tensor) -> bool:
+        """Whether ``value`` must stay exact whatever its scope: log-domain values and tensors that carry
+        no gradient.
+
+        A log-softmax output (the loss path) or an attention kernel's log-sum-exp is exponentiated in
+        backward, so a rounding error of ``d`` becomes a factor ``exp(d)``: at 2 to 8 bits the gradient
+        loses its direction (or overflows). Tensors that need no gradient and are not the model's input
+        are the backward's constants (rotary cos/sin tables, attention masks, softmax statistics): one
+        rounding of them is shared by every sample and head instead of averaging out, and they are small.
+        """
+        if value.grad_fn is not None and value.grad_fn.name() in _LOG_DOMAIN_OPS:
+            return True
+        return not value.requires_grad and value.untyped_storage().data_ptr() not in self._inputs
+
     # --- encodings
 
-    def _encode(self, flat: Tensor, key, slot, slot_class):
-        if self._probe is None:
-            bits = self.class_bits.get(slot_class, self.bits)
+    def _encode(self, flat: Tensor, key, slot, slot_class, min_bits: int):
+        if not bool(flat.abs().amax() < _QUANTIZABLE):  # inf / NaN (e.g. an additive attention mask), or a
+            return _EXACT                              # range whose width overflows: kept as it is
+        if self._probe is None:  # adaptive and not yet calibrated (a plain loop's first step): 8 bits
+            uncalibrated = self.options.adaptive and not self.class_bits
+            bits = ADAPTIVE_BITS[-1] if uncalibrated else self.class_bits.get(slot_class, self.bits)
         else:
             bits = self._probe.probe_bits if self._probe.probed == slot_class else ADAPTIVE_BITS[-1]
+        bits = max(bits, min_bits)
         n = flat.numel()
         mask = self._lookup(self._zero_outside, key)
         if mask is not None:
             values = flat[unpack_mask(mask, n)]
             return ("bitmap", n, mask, self._quantize(values, bits, slot, slot_class))
         nonzero = int(torch.count_nonzero(flat))
-        dense, sparse_values = self._bytes(n, bits), self._bytes(nonzero, bits)
+        dense, sparse_values = self._bytes(n, bits, flat.element_size()), self._bytes(nonzero, bits, flat.element_size())
         bitmap = -(-n // 8) + sparse_values
         index = (4 if n < 2**31 else 8) * nonzero + sparse_values
         if min(bitmap, index) >= dense:
@@ -377,14 +448,20 @@ class CompressStage:
         positions = positions.to(torch.int32) if n < 2**31 else positions
         return ("index", n, positions, self._quantize(flat[positions], bits, slot, slot_class))
 
-    def _bytes(self, n: int, bits: int) -> int:
+    def _bytes(self, n: int, bits: int, value_bytes: int) -> int:
+        """Bytes of ``n`` values quantised at ``bits``, with their exact outliers (``value_bytes`` each)."""
         groups = -(-n // self.group_size)
-        return groups * (self.group_size * bits // 8 + META_BYTES)
+        outliers = self.options.outliers if bits < 8 else 0
+        index_bytes = 1 if self.group_size <= 256 else 2
+        return groups * (self.group_size * bits // 8 + META_BYTES + outliers * (index_bytes + value_bytes))
 
     def _quantize(self, flat: Tensor, bits: int, slot, slot_class):
         n = flat.numel()
         if n == 0:
-            return (bits, 0, flat.new_empty(0, dtype=torch.uint8), flat.new_empty((0, 2), dtype=torch.bfloat16))
+            return (bits, 0, flat.new_empty(0, dtype=torch.uint8), flat.new_empty((0, 2), dtype=torch.bfloat16), None)
+        outliers = None
+        if self.options.outliers and bits < 8:
+            flat, *outliers = split_outliers(flat, self.options.outliers, self.group_size)
         if self._probe is not None and self._probe.probed is None:  # the reference pass
             self._probe.values[slot_class] += n
             noise = self._probe.noise.setdefault(slot_class, Counter())
@@ -396,7 +473,7 @@ class CompressStage:
             packed, meta = kernels.quantize(flat, bits, self.group_size, seed)
         else:
             packed, meta = quantize(flat, bits, self.group_size, self._generator(flat.device, slot))
-        return (bits, n, packed, meta)
+        return (bits, n, packed, meta, outliers)
 
     def _decode(self, payload, dtype: torch.dtype) -> Tensor:
         if payload[0] == "dense":
@@ -409,11 +486,13 @@ class CompressStage:
         return out.index_copy_(0, where.long(), values)
 
     def _dequantize(self, quantized, dtype: torch.dtype) -> Tensor:
-        bits, n, packed, meta = quantized
+        bits, n, packed, meta, outliers = quantized
         kernels = _triton() if packed.is_cuda and n else None
         if kernels is not None:
-            return kernels.dequantize(packed, meta, bits, self.group_size, n, dtype)
-        return dequantize(packed, meta, bits, self.group_size, n, dtype)
+            flat = kernels.dequantize(packed, meta, bits, self.group_size, n, dtype)
+        else:
+            flat = dequantize(packed, meta, bits, self.group_size, n, dtype)
+        return flat if outliers is None else merge_outliers(flat, *outliers, self.group_size)
 
     # --- helpers
 
@@ -509,6 +588,26 @@ class CompressStage:
             calibrate(model, surrogate_loss)
         finally:
             _ACTIVE_METERS.reset(meters)
+
+
+class _FusedAttentionCalls(TorchFunctionMode):
+    """Counts running ``scaled_dot_product_attention`` calls, whose saved query, key and value are kept at
+    8 bits: a fused kernel's backward recomputes the probabilities as ``exp(q.k - logsumexp)`` against the
+    exact log-sum-exp of the forward, so a coarse rounding of q or k is exponentiated (2 bits overflow to
+    inf). The attention output, saved by the same call, carries the strategy's own bits."""
+
+    def __init__(self, stage: CompressStage):
+        super().__init__()
+        self.stage = stage
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.stage.in_fused_attention += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.stage.in_fused_attention -= 1
 
 
 class _OutputGradients(torch.autograd.Function):
@@ -773,7 +872,7 @@ class Compress(Strategy):
         scopes = module_scopes(model, self.options.layers, self.options.exclude)
         if self.options.adaptive:  # before the stage's own hooks: calibration runs whole forwards
             model.register_forward_pre_hook(stage.calibrate_if_due, with_kwargs=True)
-        model.register_forward_pre_hook(stage.begin_forward)
+        model.register_forward_pre_hook(stage.begin_forward, with_kwargs=True)
         model.register_forward_hook(stage.end_forward, always_call=True)
         if self.options.adaptive:
             model.register_forward_hook(stage.tap_output, with_kwargs=True)

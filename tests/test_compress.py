@@ -122,11 +122,12 @@ def test_sparse_tensors_get_exact_zeros_and_cheaper_encodings():
     very = torch.zeros(64, 64)
     very[3, 5], very[40, 7] = 1.5, -2.0  # ~0.05% non-zeros: positions and values
     for x, encoding in ((half, "bitmap"), (very, "index"), (torch.zeros(4096), "index"), (torch.randn(4096), "dense")):
+        x.requires_grad_()  # a tensor that needs no gradient (and is no model input) is kept exact
         packed = s.pack(x)
         assert packed[3][0] == encoding
         back = s.unpack(packed)
         assert torch.equal(back == 0, x == 0)
-    assert sum(t.nbytes for t in iter_tensors(s.pack(half))) < s._bytes(half.numel(), 2)
+    assert sum(t.nbytes for t in iter_tensors(s.pack(half))) < s._bytes(half.numel(), 2, half.element_size())
 
 
 def test_non_float_small_and_broadcast_tensors_pass_through():
@@ -194,7 +195,7 @@ def test_relu_output_read_by_a_conv_reuses_the_mask_as_its_bitmap():
     nonzero = int((x > 0).sum())
     s = stage(bits=2)
     # the ReLU saves its 1-bit mask; the conv saves only the non-zero values of the same tensor
-    assert saved_bytes(compressed(model, bits=2), lambda m: m(x).sum()) == n // 8 + s._bytes(nonzero, 2)
+    assert saved_bytes(compressed(model, bits=2), lambda m: m(x).sum()) == n // 8 + s._bytes(nonzero, 2, 4)
     assert plain.bytes == x.nbytes  # ReLU output saved by both ops: one storage
 
 
@@ -319,8 +320,9 @@ def test_adaptive_calibrates_itself_in_a_plain_loop_from_the_users_own_loss():
     uniform = compressed(model, bits=2, min_numel=256)
     lossy = compressed(model, bits=2, min_numel=256, adaptive=True, adapt_every=2)
     stage_ = lossy._lowmem_saved_tensor_stages[0]
-    first = grads(lossy, "transformer", batch)  # uncalibrated: uniform bits, its output gradient kept
-    assert stage_.class_bits == {} and all(torch.equal(first[n], g) for n, g in grads(uniform, "transformer", batch).items())
+    first = grads(lossy, "transformer", batch)  # uncalibrated: 8 bits everywhere, its output gradient kept
+    eight = grads(compressed(model, bits=8, min_numel=256), "transformer", batch)
+    assert stage_.class_bits == {} and all(torch.equal(first[n], g) for n, g in eight.items())
     with SavedBytesMeter(lossy) as calibrating:
         got = grads(lossy, "transformer", batch)  # calibrates before this forward
     direct = compressed(model, bits=2, min_numel=256, adaptive=True)
@@ -390,6 +392,88 @@ def test_allocation_is_a_knapsack_not_a_greedy_guess():
     assert C.allocate_bits(variance, values, 2) == {"small": 2, "big": 2}
     variance["big"] = {1: 0.2, 2: 0.1, 4: 0.0, 8: 0.0}  # an insensitive big class pays for 8 bits elsewhere
     assert C.allocate_bits(variance, values, 2) == {"small": 8, "big": 1}
+
+
+# ---------------------------------------------------------------- what pretrained models expose (issue 16)
+
+
+def test_outliers_come_back_exact_and_no_longer_coarsen_their_group():
+    """A pretrained transformer's massive activation (here 1000x the rest) sets its group's range: at 2 bits
+    every other value rounds to 0 or +-1000. Kept aside exactly, it costs a position and a value per group."""
+    torch.manual_seed(0)
+    x = torch.randn(1000)
+    x[123], x[700] = 1000.0, -3000.0
+    rest, positions, values = C.split_outliers(x, 1, 256)
+    assert positions.dtype == torch.uint8 and positions.shape == (4, 1) and set(values.flatten().tolist()) >= {1000.0, -3000.0}
+    assert torch.equal(C.merge_outliers(rest.clone(), positions, values, 256), x)
+    assert rest.abs().max() < 10  # the range of the rest is the typical values'
+
+    def error(x, outliers):
+        s = stage(bits=2, outliers=outliers)
+        return float((s.unpack(s.pack(x.clone().requires_grad_())) - x).abs().mean())
+    typical = error(torch.where(x.abs() > 100, 0.0, x), 0)  # the same values without the two outliers
+    assert error(x, 1) < 1.3 * typical and error(x, 0) > 3 * typical
+
+
+def test_non_finite_log_domain_and_constant_tensors_are_kept_exact():
+    s = stage(bits=2)
+    mask = torch.zeros(64, 64).masked_fill(torch.rand(64, 64) > 0.5, float("-inf")).requires_grad_()
+    assert s.pack(mask) is mask  # an additive attention mask: a group's range must stay finite
+    constant = torch.randn(64, 64)  # needs no gradient and is no model input (a rotary table, a mask)
+    assert s.pack(constant) is constant
+
+    class LogProbs(nn.Module):  # the loss path: log_softmax's output is exponentiated in backward
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(32, 512)
+
+        def forward(self, x, y):
+            return nn.functional.nll_loss(nn.functional.log_softmax(self.linear(x), dim=-1), y)
+
+    torch.manual_seed(0)
+    model, x, y = LogProbs(), torch.randn(16, 32), torch.randint(0, 512, (16,))
+    model(x, y).backward()
+    expected = model.linear.weight.grad.clone()
+    lossy = compressed(model, bits=2, layers=["top"], min_numel=0)
+    lossy(x, y).backward()
+    assert torch.equal(lossy.linear.weight.grad, expected)
+
+
+class Attention(nn.Module):
+    def __init__(self, width=64, heads=4):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        h = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.transpose(1, 2).flatten(2))
+
+
+def test_fused_attention_keeps_query_key_and_value_at_8_bits():
+    """A fused attention backward recomputes exp(q.k - logsumexp) against the forward's exact statistics:
+    2-bit q and k are exponentiated (here: cosine 0.04 to the exact gradient; on SmolLM2 it overflowed).
+    They keep 8 bits (here: 0.84); the attention output the call saves keeps the strategy's bits."""
+    torch.manual_seed(0)
+    model = Attention()
+    with torch.no_grad():
+        model.qkv.weight.mul_(3)  # peaked attention, as in pretrained models
+    x = torch.randn(4, 64, 64)
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    saved = {}
+    for bits in (2, 8):
+        lossy = compressed(model, bits=bits, layers=["attention"], min_numel=0)
+        with SavedBytesMeter(lossy) as meter:
+            loss = lossy(x).square().mean()
+        loss.backward()
+        saved[bits] = meter.bytes
+        if bits == 2:
+            cos = cosines({n: p.grad for n, p in lossy.named_parameters()}, expected)
+    assert all(math.isfinite(c) for c in cos.values()) and cos["qkv.weight"] > 0.75, cos
+    # only the output differs between 2 and 8 bits: 6 bits per value, less its exact outliers
+    output_bits_saved = (saved[8] - saved[2]) * 8 / x.numel()
+    assert 5.5 < output_bits_saved <= 6, output_bits_saved
 
 
 # ---------------------------------------------------------------- saved bytes on real architectures
@@ -465,6 +549,8 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
     ({"min_numel": -1}, "min_numel"),
     ({"adapt_every": 0}, "adapt_every"),
     ({"bits": "2"}, "bits"),
+    ({"outliers": 17}, "outliers"),
+    ({"outliers": 8, "group_size": 16}, "outliers"),
 ])
 def test_bad_options_are_one_line_strategy_errors(options, message):
     with pytest.raises(StrategyError, match=message):
