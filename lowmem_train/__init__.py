@@ -1,9 +1,11 @@
 """lowmem-train: backpropagation in less memory, with strategies chosen from config.
 
-Stable API: ``apply_strategies``, ``available_strategies``, ``StrategyError``, ``Strategy`` (for plugins).
+Stable API: ``apply_strategies``, ``available_strategies``, ``check_finite_gradients``, ``StrategyError``,
+``NonFiniteError``, ``Strategy`` (for plugins).
 """
 
 from .errors import ConfigError, LowmemError, StrategyError
+from .finite import NonFiniteError, check_finite_gradients
 from .saved_tensors import SavedBytesMeter, SavedTensorStage
 from .strategy import Strategy, Touch, apply_strategies, available_strategies, get_strategy_class
 from .targets import outermost, repeated_blocks, select_modules
@@ -11,6 +13,7 @@ from .targets import outermost, repeated_blocks, select_modules
 __all__ = [
     "ConfigError",
     "LowmemError",
+    "NonFiniteError",
     "SavedBytesMeter",
     "SavedTensorStage",
     "Strategy",
@@ -18,6 +21,7 @@ __all__ = [
     "Touch",
     "apply_strategies",
     "available_strategies",
+    "check_finite_gradients",
     "get_strategy_class",
     "outermost",
     "repeated_blocks",

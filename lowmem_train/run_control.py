@@ -1,9 +1,9 @@
 """Stopping a run cleanly and resuming it exactly: Ctrl-C / SIGTERM, non-finite losses and gradients.
 
-A stop (SIGINT or SIGTERM, or a non-finite loss or gradient with ``on_nonfinite=stop``) takes effect at the
-end of the optimizer step in progress: that step's memory row is written, ``checkpoints/last.ckpt`` is
-saved, and ``RunStopped`` ends ``trainer.fit``; ``train`` then writes the report and the CLI exits non-zero.
-A second Ctrl-C aborts at once.
+A stop (SIGINT or SIGTERM, a non-finite loss or gradient with ``on_nonfinite=stop``, or non-finite gradients
+under a lossy strategy, whatever ``on_nonfinite``) takes effect at the end of the optimizer step in progress:
+that step's memory row is written, ``checkpoints/last.ckpt`` is saved, and ``RunStopped`` ends
+``trainer.fit``; ``train`` then writes the report and the CLI exits non-zero. A second Ctrl-C aborts at once.
 
 Exact resume: checkpoints hold the RNG states and the position in the epoch, and the train loader's
 ``EpochShuffle`` sampler skips what was consumed, so a resumed run draws the batches and random numbers
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .data import EpochShuffle
+from .finite import all_finite, gradient_message, gradients, locate_nonfinite, lossy_strategies
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NONFINITE_EXIT_CODE = 3
@@ -53,6 +54,7 @@ class RunControl(L.Callback):
         self.on_nonfinite = on_nonfinite
         self.stop: tuple[str, int] | None = None  # (reason, exit code) once a stop is requested
         self.skipped_steps = 0
+        self.unchecked_losses: list[torch.Tensor] = []  # on_nonfinite=off: this step's losses
         self.position = (0, 0)  # (epoch, batches done in it), saved in checkpoints
         self._rng_to_restore: dict | None = None
         self._previous_handlers: dict = {}
@@ -83,6 +85,7 @@ class RunControl(L.Callback):
     def admit_loss(self, trainer, loss: torch.Tensor) -> bool:
         """False when the step must not run: its loss is not finite on some rank (then stop or skip)."""
         if self.on_nonfinite == "off":
+            self.unchecked_losses.append(loss.detach())  # the lossy-strategy guard tells a NaN loss apart
             return True
         finite = trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss.detach()).all()), all=True)
         if not finite:
@@ -90,18 +93,28 @@ class RunControl(L.Callback):
         return finite
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self.on_nonfinite == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        """The gradient check: one fused kernel and one host sync per optimizer step, made when
+        ``on_nonfinite`` is stop or skip, and always under a lossy strategy (whose NaN/inf stops the run, also
+        with skip or off: it would recur every step)."""
+        losses, self.unchecked_losses = self.unchecked_losses, []
+        model = pl_module.model
+        lossy = lossy_strategies(model)
+        if (self.on_nonfinite == "off" and not lossy) or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16's gradient scaler skips non-finite steps itself
-        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
-            return  # step_in_backward: the gradients were consumed during backward
-        finite = bool(torch.stack([grad.isfinite().all() for _, grad in named]).all())
-        if trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return
-        first = next((name for name, grad in named if not grad.isfinite().all()), "another rank's parameters")
+        where = None if all_finite(gradients(model)) else locate_nonfinite(model)  # None: a norm overflowed
+        if trainer.strategy.reduce_boolean_decision(where is None, all=True):
+            return  # also with step_in_backward, whose gradients were consumed during backward
         for p in pl_module.parameters():
             p.grad = None  # the optimizer step then changes nothing
-        self._nonfinite(trainer, f"gradient of {first.removeprefix('model.')}")
+        step = trainer.global_step + 1
+        if not all_finite(losses):  # on_nonfinite=off under a lossy strategy
+            self.stop = (f"non-finite loss at step {step}: the forward pass made it, not the backward of lossy "
+                         f"strategy {'+'.join(lossy)}", NONFINITE_EXIT_CODE)
+        elif lossy:
+            self.stop = (gradient_message(model, where, step) if where else f"lossy strategy {'+'.join(lossy)} "
+                         f"made another rank's gradients non-finite at step {step}", NONFINITE_EXIT_CODE)
+        else:
+            self._nonfinite(trainer, "gradient of " + (where.parameter() if where else "another rank's parameters"))
 
     def _nonfinite(self, trainer, what: str) -> None:
         if self.on_nonfinite == "skip":

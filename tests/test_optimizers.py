@@ -12,7 +12,7 @@ from torch import nn
 from conftest import compose_config
 from lowmem_train import ConfigError, StrategyError
 from lowmem_train.memory import optimizer_state_bytes, tensor_bytes
-from lowmem_train.optimizers import GaLoreAdamW
+from lowmem_train.optimizers import GaLoreAdamW, MatrixAdafactor
 from lowmem_train.saved_tensors import iter_tensors
 from lowmem_train.training import build_recipe, instantiate_choice, train
 
@@ -152,6 +152,25 @@ def test_adafactor_factors_conv_weights_as_matrices_and_resumes_exactly(override
     resumed.load_state_dict(torch.load(buffer))
     assert step(resumed_model, resumed) == step(model, optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (8, 3, 3, 3), (16,)], ids=["matrix", "conv", "vector"])
+def test_adafactor_update_is_torchs_on_the_matrix_view(shape):
+    """A matrix or vector steps bit for bit as with torch.optim.Adafactor; a conv weight (out, in, k, k) as
+    torch's Adafactor steps the (out, in*k*k) matrix it is reshaped to."""
+    torch.manual_seed(0)
+    ours = nn.Parameter(torch.randn(shape))
+    theirs = nn.Parameter(ours.detach().reshape(shape[0], -1).clone() if len(shape) > 1 else ours.detach().clone())
+    settings = dict(lr=1e-2, weight_decay=0.1)
+    optimizer, reference = MatrixAdafactor([ours], **settings), torch.optim.Adafactor([theirs], **settings)
+    start = ours.detach().clone()
+    for _ in range(4):
+        grad = torch.randn(shape)
+        ours.grad, theirs.grad = grad, grad.reshape(theirs.shape).clone()
+        optimizer.step()
+        reference.step()
+        assert torch.equal(ours.detach().reshape(theirs.shape), theirs.detach())
+    assert not torch.equal(ours.detach(), start)
 
 
 def test_galore_state_and_update_live_in_the_projected_subspace():
