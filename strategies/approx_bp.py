@@ -701,11 +701,16 @@ class ApproxBP(Strategy):
     @staticmethod
     def _check_readers(model, identity, consumers, excluded) -> _ShareNorm | str:
         """Only plain ``nn.Linear`` readers can take over the affine (a quantized or adapted subclass
-        computes something else with its weight), and excluded ones stay as they are."""
+        computes something else with its weight), excluded ones stay as they are, and the output embedding
+        is left alone: fused or chunked loss heads (chunked_ce) multiply by its weight themselves."""
+        get_output = getattr(model, "get_output_embeddings", None)
+        output_embedding = get_output() if callable(get_output) else None
         for consumer_name in consumers:
             consumer = model.get_submodule(consumer_name)
             if excluded(consumer_name):
                 return f"its reader '{consumer_name}' is excluded"
+            if consumer is output_embedding:
+                return f"its reader '{consumer_name}' is the output embedding, which loss heads use directly"
             if type(consumer) is not nn.Linear:
                 return f"its reader '{consumer_name}' is a {type(consumer).__name__}, not a plain nn.Linear"
         return _ShareNorm(*identity, tuple(consumers))

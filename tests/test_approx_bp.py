@@ -235,9 +235,9 @@ def test_tanh_gelu_keeps_its_forward():
         assert torch.equal(act(hidden), reference.bert.encoder.layer[0].intermediate.intermediate_act_fn(hidden))
 
 
-def test_tied_readers_share_and_excluded_readers_do_not():
-    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
-    assert plan_of(tied)["model.norm"].startswith("MS-RMSNorm: affine applied by its readers lm_head")
+def test_output_embedding_and_excluded_readers_are_not_shared():
+    """A chunked or fused loss head multiplies by lm_head.weight itself and would skip the norm's gamma."""
+    assert "'lm_head' is the output embedding" in plan_of(tiny_transformer())["model.norm"]
     assert "'lm_head' is excluded" in plan_of(tiny_transformer(), exclude=["lm_head"])["model.norm"]
     only_mlp = plan_of(tiny_transformer(), targets=["LlamaMLP"])
     assert set(only_mlp) == {"model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
