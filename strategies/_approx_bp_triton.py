@@ -27,13 +27,13 @@ def _pack_codes_kernel(x_ptr, out_ptr, n, n_bytes, c0, c1, c2, BLOCK: tl.constex
 
 
 @triton.jit
-def _step_backward_kernel(grad_ptr, packed_ptr, out_ptr, n, level1, level2, level3, BLOCK: tl.constexpr):
+def _step_backward_kernel(grad_ptr, packed_ptr, out_ptr, n, level0, level1, level2, level3, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n
     grad = tl.load(grad_ptr + index, mask=mask, other=0.0).to(tl.float32)
     byte = tl.load(packed_ptr + index // 4, mask=mask, other=0).to(tl.int32)
     code = (byte >> ((index % 4) * 2).to(tl.int32)) & 3
-    slope = tl.where(code == 0, 0.0, tl.where(code == 1, level1, tl.where(code == 2, level2, level3)))
+    slope = tl.where(code == 0, level0, tl.where(code == 1, level1, tl.where(code == 2, level2, level3)))
     tl.store(out_ptr + index, (grad * slope).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -87,7 +87,7 @@ def step_backward(grad: torch.Tensor, packed: torch.Tensor, levels) -> torch.Ten
     if grad.numel() == 0:
         return out
     block = 2048
-    _step_backward_kernel[(triton.cdiv(grad.numel(), block),)](grad, packed, out, grad.numel(), *levels[1:],
+    _step_backward_kernel[(triton.cdiv(grad.numel(), block),)](grad, packed, out, grad.numel(), *levels,
                                                               BLOCK=block)
     return out
 

@@ -1,13 +1,16 @@
 """Approximate and memory-sharing backprop (Approx-BP, ICML 2024), applied to unmodified models by surgery.
 
-- ReGELU2 / ReSiLU2: the forward is the model's own activation (exact); backward uses a 4-level step
-  derivative, so only a 2-bit code per element is saved, four codes per uint8 (16x less than an fp32
-  input, 8x less than bf16). This is the approximate part.
-- MS-LayerNorm / MS-RMSNorm: the norm's gamma/beta are folded into the linear layers that read its output
-  (``W' = W diag(gamma)``, ``b' = b + W beta``), the norm becomes affine-free and saves only its output y and
-  an fp32 rstd per row; the linears save the very same y, so it is stored once and the norm's input is not
-  stored at all. The backward is exact. Folded gamma/beta stay in the model (same Parameter objects) at
-  1 and 0, frozen: the state_dict remains a valid checkpoint of the unconverted architecture.
+- 2-bit GELU / SiLU derivatives: the forward is the model's own activation (exact); backward uses a 4-level
+  step derivative, so only a 2-bit code per element is saved, four codes per uint8 (16x less than an fp32
+  input, 8x less than bf16). This is the approximate part. By default the levels are fitted to the
+  derivative; ``derivative=paper`` gives the published ReGELU2 / ReSiLU2, whose levels (a fit to the
+  function) are far off near 0, where pre-activations sit at initialisation.
+- MS-LayerNorm / MS-RMSNorm: the norm becomes affine-free and saves only its output y and an fp32 rstd per
+  row; the linear layers that read it apply the norm's gamma/beta themselves (``W (gamma * y + beta) + b``)
+  and save the very same y, recomputing ``gamma * y + beta`` in backward, so y is stored once and the norm's
+  input not at all. The backward is exact, gamma/beta included: they keep training under their own names.
+  (Folding gamma into the weights instead, ``W' = W diag(gamma)``, froze gamma and trained ``W diag(gamma)``
+  in place of W: a different optimisation, with every norm weight left without a gradient.)
 
 Where a norm's output goes is not guessed from module order: one example forward (train mode, no grad,
 RNG and buffers restored) follows the output tensor through every aten op. A norm is shared only when
@@ -41,31 +44,41 @@ from lowmem_train.targets import matches
 
 @dataclass(frozen=True)
 class StepDerivative:
-    """A derivative replaced by ``sum_i a_i [x > c_i]``, the derivative of a sum of three shifted ReLUs
-    fitted to the activation (the fit makes ``sum(a) = 1`` and ``sum(a * c) = 0``)."""
+    """A derivative replaced by a 4-level step: ``levels[code]``, where the code counts the thresholds
+    below x. Two bits per element are all backward needs."""
 
     name: str
-    slopes: tuple[float, float, float]
     thresholds: tuple[float, float, float]
+    levels: tuple[float, float, float, float]
 
-    @property
-    def levels(self) -> tuple[float, float, float, float]:
-        """The derivative for code 0..3, where the code counts the thresholds below x."""
-        a0, a1, a2 = self.slopes
-        return (0.0, a0, a0 + a1, a0 + a1 + a2)
+    @classmethod
+    def from_relus(cls, name: str, slopes: tuple[float, float, float], thresholds: tuple[float, float, float]):
+        """The paper's form: the derivative of ``sum_i a_i ReLU(x - c_i)``, a fit to the activation itself
+        (``sum(a) = 1``, ``sum(a * c) = 0``)."""
+        a0, a1, a2 = slopes
+        return cls(name, thresholds, (0.0, a0, a0 + a1, a0 + a1 + a2))
 
 
-REGELU2 = StepDerivative(
+# The published ReGELU2 / ReSiLU2 (derivative=paper). Fitted to the function, their derivative is 0 or ~1.05
+# on either side of 0, where GELU'/SiLU' pass smoothly through 0.5: with pre-activations of std 0.1-0.5
+# (any model near initialisation) the gradient through the activation keeps a cosine of only 0.73-0.87 per
+# element and a norm 1.3-1.5x too large.
+REGELU2 = StepDerivative.from_relus(
     "ReGELU2",
     (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
     (-3.1858810036855245, -0.001178821281161997, 3.190832613414926),
 )
-RESILU2 = StepDerivative(
+RESILU2 = StepDerivative.from_relus(
     "ReSiLU2",
     (-0.04060357190528599, 1.080925428529668, -0.040321856624382146),
     (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708),
 )
-
+# derivative=fitted (default): the same 2 bits, but the 4 levels and 3 thresholds minimise the squared error
+# of the derivative itself (Lloyd's algorithm, as in Few-Bit Backward, ICML 2023) over x ~ N(0, s^2) with
+# log s uniform on [log 0.25, log 4]: per-element gradient cosine 0.98-0.996 for std 0.1-4.
+GELU2_FIT = StepDerivative("GELU-2bit-fit", (-0.4663, 0.0015, 0.4686), (-0.0283, 0.3356, 0.6667, 1.0289))
+SILU2_FIT = StepDerivative("SiLU-2bit-fit", (-0.6997, -0.0006, 0.6989), (-0.0029, 0.3563, 0.6430, 1.0029))
+_STEPS = {"paper": {"gelu": REGELU2, "silu": RESILU2}, "fitted": {"gelu": GELU2_FIT, "silu": SILU2_FIT}}
 
 
 @functools.cache
@@ -159,17 +172,17 @@ _HF_TANH_GELU = ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUAc
 _HF_SILU = ("SiLUActivation",)
 
 
-def activation_kind(module: nn.Module) -> tuple[StepDerivative, str] | None:
-    """(step derivative, description of the forward kept) for a convertible activation, else None."""
+def activation_kind(module: nn.Module) -> tuple[str, str] | None:
+    """(family: gelu or silu, description of the forward kept) for a convertible activation, else None."""
     kind = type(module)
     if kind is nn.GELU:
-        return REGELU2, "erf-GELU" if module.approximate == "none" else "tanh-GELU"
+        return "gelu", "erf-GELU" if module.approximate == "none" else "tanh-GELU"
     if kind is nn.SiLU or kind in _hf_activation_classes(_HF_SILU):
-        return RESILU2, "SiLU"
+        return "silu", "SiLU"
     if kind in _hf_activation_classes(_HF_ERF_GELU):
-        return REGELU2, "erf-GELU"
+        return "gelu", "erf-GELU"
     if kind in _hf_activation_classes(_HF_TANH_GELU):
-        return REGELU2, "tanh-GELU"
+        return "gelu", "tanh-GELU"
     return None
 
 
@@ -221,30 +234,108 @@ class _SharedNorm(torch.autograd.Function):
 
 
 class MSNorm(nn.Module):
-    """A LayerNorm/RMSNorm whose affine was folded into the linears that read its output.
+    """A LayerNorm/RMSNorm that outputs the affine-free y; the linears reading it apply its gamma/beta.
 
-    It keeps the original norm's Parameter objects under their names (so state_dict keys and the model's
-    parameters are unchanged) at 1 / 0, frozen and unused. Under autocast y is produced in the autocast
-    dtype, which is what the linears would cast it to anyway, so they still save this very tensor.
+    It keeps the original norm's Parameter objects under their names (so state_dict keys, values and the
+    model's parameters are unchanged); they get their gradients through the readers (``AffineInputLinear``).
+    Under autocast y is produced in the autocast dtype, which is what the linears compute in anyway, so they
+    save this very tensor.
     """
 
     def __init__(self, norm: nn.Module, centered: bool, eps: float | None):
         super().__init__()
         for name, parameter in norm.named_parameters(recurse=False):
             self.register_parameter(name, parameter)
+        for name in ("weight", "bias"):
+            if name not in self._parameters:
+                setattr(self, name, None)
         self.centered = centered
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return norm_forward(x, eps, self.centered, out_dtype)[0]
-        return _SharedNorm.apply(x, eps, self.centered, out_dtype)
+            return norm_forward(x, eps, self.centered, _compute_dtype(x))[0]
+        return _SharedNorm.apply(x, eps, self.centered, _compute_dtype(x))
 
     def extra_repr(self) -> str:
-        return f"{'LayerNorm' if self.centered else 'RMSNorm'}, eps={self.eps}, affine folded into consumers"
+        return f"{'LayerNorm' if self.centered else 'RMSNorm'}, eps={self.eps}, affine applied by its readers"
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _affine(y: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, dtype: torch.dtype):
+    u = y.to(dtype)
+    if gamma is not None:
+        u = u * gamma.to(dtype)
+    if beta is not None:
+        u = u + beta.to(dtype)
+    return u
+
+
+class _AffineInputLinear(torch.autograd.Function):
+    """``linear(gamma * y + beta)`` that saves y (the norm's saved output: one storage) instead of its
+    affine image, which backward recomputes; gradients for y, gamma, beta, weight and bias are exact."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, weight, bias, dtype: torch.dtype):
+        ctx.dtype = dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(y, gamma, beta, weight)
+        with torch.autocast(y.device.type, enabled=False):
+            return nn.functional.linear(_affine(y, gamma, beta, dtype), weight.to(dtype),
+                                        None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gamma, beta, weight = ctx.saved_tensors
+        need_y, need_gamma, need_beta, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad = grad.to(ctx.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        d_y = d_gamma = d_beta = d_weight = d_bias = None
+        if need_weight:
+            u = _affine(y, gamma, beta, ctx.dtype)
+            d_weight = (rows.t() @ u.reshape(-1, u.shape[-1])).to(weight.dtype)
+        if need_bias:
+            d_bias = rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        if need_y or need_gamma or need_beta:
+            d_u = grad @ weight.to(ctx.dtype)
+            flat = d_u.reshape(-1, d_u.shape[-1]).float()
+            if need_gamma:
+                d_gamma = (flat * y.reshape(flat.shape).float()).sum(0).to(gamma.dtype)
+            if need_beta:
+                d_beta = flat.sum(0).to(beta.dtype)
+            if need_y:
+                d_y = (d_u if gamma is None else d_u * gamma.to(ctx.dtype)).to(y.dtype)
+        return d_y, d_gamma, d_beta, d_weight, d_bias, None
+
+
+class AffineInputLinear(nn.Module):
+    """An ``nn.Linear`` reading an MSNorm's output: it applies the norm's gamma/beta before its matmul.
+
+    It holds the linear's own Parameter objects under their names; the norm is referenced, not registered,
+    so the state_dict is the unconverted model's (same keys, same values).
+    """
+
+    def __init__(self, linear: nn.Linear, norm: MSNorm):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_parameter("weight", linear.weight)
+        self.register_parameter("bias", linear.bias)
+        self.__dict__["norm"] = norm
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        gamma, beta, dtype = self.norm.weight, self.norm.bias, _compute_dtype(y)
+        if not torch.is_grad_enabled():
+            return nn.functional.linear(_affine(y, gamma, beta, dtype), self.weight, self.bias)
+        return _AffineInputLinear.apply(y, gamma, beta, self.weight, self.bias, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               "applies the norm's affine to its input"
 
 
 _NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -477,12 +568,15 @@ def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[st
 
 @dataclass
 class ApproxBPOptions:
-    activations: bool = True  # ReGELU2 / ReSiLU2 on GELU and SiLU modules
+    activations: bool = True  # 2-bit step derivatives on GELU and SiLU modules
+    derivative: str = "fitted"  # fitted: levels fitted to the derivative; paper: ReGELU2 / ReSiLU2 as published
     norms: bool = True  # MS-LayerNorm / MS-RMSNorm where only linear layers read the norm's output
     targets: Optional[list[str]] = None  # class names / name regexes of subtrees to convert; None: the model
     exclude: list[str] = field(default_factory=list)  # subtrees left alone (norm consumers included)
 
     def validate(self, strategy: str) -> None:
+        if self.derivative not in _STEPS:
+            raise StrategyError(f"strategy '{strategy}': derivative={self.derivative}; valid: {', '.join(_STEPS)}")
         if not (self.activations or self.norms):
             raise StrategyError(f"strategy '{strategy}': options activations and norms are both false; "
                                 "set at least one to true")
@@ -526,7 +620,7 @@ class ApproxBP(Strategy):
                 old = model.get_submodule(touch.module)
                 _replace_module(model, old, ApproxActivation(old, conversion.step))
             elif isinstance(conversion, _ShareNorm):
-                _fold_and_share(model, touch.module, conversion)
+                _share(model, touch.module, conversion)
 
     def _decide(self, model: nn.Module) -> tuple[list[Touch], dict[str, object]]:
         in_scope, excluded = self._scope(model)
@@ -539,7 +633,8 @@ class ApproxBP(Strategy):
                 kind = activation_kind(module)
                 if kind is None:
                     continue
-                step, forward = kind
+                family, forward = kind
+                step = _STEPS[self.options.derivative][family]
                 saving = "16x less than its fp32 input, 8x less than bf16"
                 action = (f"{step.name}: exact {forward} forward, saves a 2-bit derivative code ({saving})"
                           if forward != "tanh-GELU" else
@@ -552,8 +647,8 @@ class ApproxBP(Strategy):
                 shared = isinstance(outcome, _ShareNorm)
                 if shared:
                     label = "MS-LayerNorm" if outcome.centered else "MS-RMSNorm"
-                    action = (f"{label}: affine folded into {', '.join(outcome.consumers)}; saves only y and rstd, "
-                              "y shared with them; exact")
+                    action = (f"{label}: affine applied by its readers {', '.join(outcome.consumers)}; saves only y "
+                              "and rstd, y shared with them; exact")
                     conversions[name] = outcome
                 else:
                     action = f"nothing to share: {outcome}"
@@ -595,34 +690,30 @@ class ApproxBP(Strategy):
         identified = {name: identify_norm(module) for name, module in norms}
         traceable = {name: module for name, module in norms if not isinstance(identified[name], str)}
         traced = trace_norm_outputs(model, traceable) if traceable else {}
-        owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         for name, module in norms:
             outcome = identified[name]
             if not isinstance(outcome, str):
                 outcome = traced[name]
             if not isinstance(outcome, str):
-                outcome = self._check_fold(model, module, identified[name], outcome, owners, excluded)
+                outcome = self._check_readers(model, identified[name], outcome, excluded)
             yield name, module, outcome
 
     @staticmethod
-    def _check_fold(model, norm, identity, consumers, owners, excluded) -> _ShareNorm | str:
-        """Folding must not change any other computation nor freeze something that was trainable."""
-        centered, eps = identity
-        own = list(norm.parameters(recurse=False))
-        if any(owners[id(p)] > 1 for p in own):
-            return "its weight is shared with another module, folding would change that one too"
+    def _check_readers(model, identity, consumers, excluded) -> _ShareNorm | str:
+        """Only plain ``nn.Linear`` readers can take over the affine (a quantized or adapted subclass
+        computes something else with its weight), excluded ones stay as they are, and the output embedding
+        is left alone: fused or chunked loss heads (chunked_ce) multiply by its weight themselves."""
+        get_output = getattr(model, "get_output_embeddings", None)
+        output_embedding = get_output() if callable(get_output) else None
         for consumer_name in consumers:
             consumer = model.get_submodule(consumer_name)
             if excluded(consumer_name):
                 return f"its reader '{consumer_name}' is excluded"
-            if owners[id(consumer.weight)] > 1:
-                return f"its reader '{consumer_name}' shares its weight with another module (tied), folding " \
-                       "would change that one too"
-            if getattr(norm, "bias", None) is not None and consumer.bias is None:
-                return f"its reader '{consumer_name}' has no bias to take the norm's bias"
-            if any(p.requires_grad for p in own) and not all(p.requires_grad for p in consumer.parameters()):
-                return f"its weight is trainable but its reader '{consumer_name}' is frozen, folding would freeze it"
-        return _ShareNorm(centered, eps, tuple(consumers))
+            if consumer is output_embedding:
+                return f"its reader '{consumer_name}' is the output embedding, which loss heads use directly"
+            if type(consumer) is not nn.Linear:
+                return f"its reader '{consumer_name}' is a {type(consumer).__name__}, not a plain nn.Linear"
+        return _ShareNorm(*identity, tuple(consumers))
 
 
 def _under(name: str, prefixes: list[str]) -> bool:
@@ -643,21 +734,12 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         module._modules[child_name] = new
 
 
-@torch.no_grad()
-def _fold_and_share(model: nn.Module, name: str, share: _ShareNorm) -> None:
-    """``W' = W diag(gamma)``, ``b' = b + W beta`` in place (same Parameter objects), then the norm becomes
-    an MSNorm holding its gamma/beta at 1/0, frozen."""
-    norm = model.get_submodule(name)
-    gamma, beta = getattr(norm, "weight", None), getattr(norm, "bias", None)
+def _share(model: nn.Module, name: str, share: _ShareNorm) -> None:
+    """The norm becomes an MSNorm and each reader an AffineInputLinear applying the norm's gamma/beta."""
+    norm = MSNorm(model.get_submodule(name), share.centered, share.eps)
+    _replace_module(model, model.get_submodule(name), norm)
+    if norm.weight is None and norm.bias is None:
+        return  # no affine: the plain linears already save the norm's output itself
     for consumer_name in share.consumers:
         linear = model.get_submodule(consumer_name)
-        weight = linear.weight.float()
-        if beta is not None:
-            linear.bias.add_((weight @ beta.float()).to(linear.bias.dtype))
-        if gamma is not None:
-            linear.weight.copy_(weight * gamma.float())
-    for parameter, neutral in ((gamma, 1.0), (beta, 0.0)):
-        if parameter is not None:
-            parameter.fill_(neutral)
-            parameter.requires_grad_(False)
-    _replace_module(model, norm, MSNorm(norm, share.centered, share.eps))
+        _replace_module(model, linear, AffineInputLinear(linear, norm))
