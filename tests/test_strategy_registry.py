@@ -1,41 +1,54 @@
-"""One generic test over the strategy registry: every registered strategy, on a tiny CNN and a tiny transformer."""
+"""The generic conformance test over the strategy registry: every registered strategy, and every combination
+the README promises (tests/conformance.py PAIRS), on every architecture of the zoo (tests/zoo.py).
 
-import copy
+Each case applies or is refused in one line as tests/strategy_settings.py expects, keeps the forward, gives
+plain backprop's gradients (exact strategies) or stays within its declared cosine (lossy ones), and saves
+bytes where that is its point. CI runs every strategy on CI_ARCHS and the pairs on CI_PAIR_ARCHS; the whole
+matrix is marked slow (``pytest -m slow``; ``python scripts/conformance_table.py`` prints it as a table).
+"""
 
 import pytest
 import torch
 
+import conformance
 from conftest import compose_config
-from lowmem_train import StrategyError, apply_strategies, available_strategies, get_strategy_class
+from conformance import PAIRS, check
+from lowmem_train import available_strategies, get_strategy_class
 from lowmem_train.cli import CONFIG_DIR
 from strategy_settings import STRATEGY_SETTINGS
-from tiny_models import MODELS, loss_of
+from zoo import ZOO
+
+# One of each family: batch norm and dropout, list arguments, weights read by the parent module, a Llama
+# and GPT-2 with a key/value cache, an encoder-decoder.
+CI_ARCHS = ("cnn", "densenet", "swin", "llama", "gpt2", "t5")
+CI_PAIR_ARCHS = ("cnn", "llama")
+
+# Failures measured on this branch, left to the owners of strategies/compress.py and strategies/approx_bp.py
+# (issue 16): the expectation stays the declared bound; strict, so a fix shows up as XPASS until removed here.
+KNOWN_FAILURES = {
+    ("compress", "resnet"): "compress 4-bit: layer1.0.bn2.weight grad cosine -0.23 < 0.85",
+    ("compress", "mobilenet_v3"): "compress 4-bit: features.3.block.0.1.weight grad cosine 0.29 < 0.85",
+    ("compress", "efficientnet"): "compress 4-bit: a zero gradient (bias before batch norm) becomes 8.6",
+    ("compress", "densenet"): "compress 4-bit: features.norm0.weight grad cosine 0.07 < 0.85",
+    ("compress", "qwen2"): "compress 4-bit: layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85",
+    ("compress", "mistral"): "compress 4-bit: non-finite gradients",
+    ("compress", "hf_vit"): "compress 4-bit: vit.layernorm.weight grad cosine 0.28 < 0.85",
+    ("compress", "t5"): "compress 4-bit: encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85",
+    ("approx_bp", "efficientnet"): "approx_bp: squeeze-excitation fc1.bias grad cosine -1.00 < 0.6",
+    ("approx_bp", "gpt2"): "approx_bp: transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6",
+}
 
 
-def first_step_grads(model, kind, batch, steps=2):
-    """Gradients of the first step, after running ``steps`` SGD steps (so the strategy runs twice)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    grads = None
-    for _ in range(steps):
-        torch.manual_seed(7)  # same dropout masks in the baseline and the strategy run
-        loss = loss_of(kind, model, batch)
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        optimizer.zero_grad()
-        assert torch.isfinite(loss)
-    return grads
-
-
-def check_adapter(baseline, model, params_before, kind, batch):
-    """Same loss at initialisation; the original parameters kept and frozen; only added ones get gradients."""
-    torch.testing.assert_close(loss_of(kind, model, batch), loss_of(kind, baseline, batch))
-    originals = {id(p) for p in params_before.values()}
-    kept = [p for p in model.parameters() if id(p) in originals]
-    assert len(kept) == len(originals) and not any(p.requires_grad for p in kept)
-    grads = first_step_grads(model, kind, batch)
-    assert grads and all(id(p) not in originals for n, p in model.named_parameters() if n in grads)
+def cases():
+    for names in [(name,) for name in available_strategies()] + PAIRS:
+        for arch in ZOO:
+            marks = []
+            if arch not in (CI_ARCHS if len(names) == 1 else CI_PAIR_ARCHS):
+                marks.append(pytest.mark.slow)
+            known = KNOWN_FAILURES.get((" + ".join(names), arch))
+            if known:
+                marks.append(pytest.mark.xfail(reason=known, strict=True))
+            yield pytest.param(names, arch, id=f"{'+'.join(names)}-{arch}", marks=marks)
 
 
 @pytest.mark.parametrize("name", available_strategies())
@@ -47,43 +60,39 @@ def test_strategy_has_settings_and_config(name):
     get_strategy_class(name)(cfg.strategy[name])  # the shipped options are valid
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("name", available_strategies())
-def test_strategy_on_tiny_models(name, kind):
-    settings = STRATEGY_SETTINGS[name]
-    build, make_batch = MODELS[kind]
-    torch.manual_seed(0)
-    baseline = build()
-    model = copy.deepcopy(baseline)
-    params_before = {n: p for n, p in model.named_parameters()}
-    values_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    spec = {name: settings["options"]}
-    if kind not in settings["applies_to"]:
-        with pytest.raises(StrategyError):
-            apply_strategies(model, spec)
-        return
-    assert apply_strategies(model, spec) is model
-    assert apply_strategies(model, spec) is model  # applying again does not wrap twice
-    if settings.get("adapter"):
-        check_adapter(baseline, model, params_before, kind, make_batch())
-        return
-    assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
-    for n, p in model.named_parameters():
-        assert p is params_before[n], f"{name} replaced parameter {n}"
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. norm weights folded away
-    batch = make_batch()
-    expected = first_step_grads(baseline, kind, batch)
-    got = first_step_grads(model, kind, batch)
-    assert got.keys() == expected.keys() - frozen
-    strategy = get_strategy_class(name)
-    if strategy.exact:
-        assert not frozen, f"exact strategy {name} froze {sorted(frozen)}"
-        unchanged = all(torch.equal(values_before[n], p) for n, p in model.named_parameters())
-        assert not unchanged, "two training steps left every parameter unchanged"
-        for n in expected:
-            torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=f"{name}: grad of {n}")
-    elif settings["min_grad_cosine"] is not None:
-        bound = settings["min_grad_cosine"]
-        for n in got:
-            cosine = torch.nn.functional.cosine_similarity(got[n].flatten(), expected[n].flatten(), dim=0)
-            assert cosine >= bound, f"{name}: grad cosine of {n} is {cosine:.4f} < {bound}"
+def test_zoo_has_the_promised_architectures():
+    assert len(ZOO) >= 12
+    for arch in ZOO.values():
+        torch.manual_seed(0)
+        assert torch.isfinite(arch.loss(arch.build(), arch.make_batch()))
+
+
+@pytest.mark.parametrize("names, arch", cases())
+def test_conformance(names, arch):
+    outcome = check(names, ZOO[arch])
+    assert outcome.status != "FAIL", outcome.detail
+
+
+def test_check_fails_a_strategy_applied_where_a_refusal_is_expected(monkeypatch):
+    monkeypatch.setitem(STRATEGY_SETTINGS, "checkpoint", {**STRATEGY_SETTINGS["checkpoint"], "needs": ("causal_lm",)})
+    assert check(("checkpoint",), ZOO["cnn"]) == conformance.Outcome(
+        "FAIL", "applied where the settings expect a refusal")
+
+
+def test_check_fails_wrong_gradients_of_a_strategy_declared_exact(monkeypatch):
+    monkeypatch.setattr(get_strategy_class("compress"), "exact", True)
+    outcome = check(("compress",), ZOO["cnn"])
+    assert outcome.status == "FAIL" and outcome.detail.startswith("grad of "), outcome
+
+
+def test_check_fails_a_memory_strategy_that_converts_nothing(monkeypatch):
+    monkeypatch.setattr(get_strategy_class("checkpoint"), "apply", lambda self, model, plan: None)
+    assert check(("checkpoint",), ZOO["cnn"]).detail.startswith("saves nothing")
+
+
+def test_check_reports_a_crash_in_one_line(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", broken)
+    monkeypatch.setattr("lowmem_train.recompute.checkpoint", broken)
+    assert check(("checkpoint",), ZOO["cnn"]) == conformance.Outcome("FAIL", "RuntimeError: boom")
