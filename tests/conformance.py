@@ -123,7 +123,7 @@ def _check(names: tuple[str, ...], arch: Arch) -> Outcome:
     bound = min(STRATEGY_SETTINGS[n]["min_grad_cosine"] for n in compared if not get_strategy_class(n).exact)
     total = torch.sqrt(sum(g.double().pow(2).sum() for g in expected.values()))
     # A gradient that is zero up to rounding (a key bias under softmax, a bias before a batch norm) has no
-    # direction to keep: it is held to the absolute tolerance instead of the cosine.
+    # direction to keep: it must stay small against the whole gradient instead.
     cosines = {}
     for n in got:
         if expected[n].double().norm() <= NOISE * total:

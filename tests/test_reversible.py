@@ -133,7 +133,8 @@ def test_stacks_are_runs_of_neighbouring_blocks_that_keep_their_shape():
 ])
 def test_blocks_that_do_not_map_one_tensor_to_one_tensor_are_refused_at_the_first_forward(build, message):
     model = apply_strategies(build(), "reversible")
-    inputs = torch.randn(2, 3, 32, 32) if isinstance(model, torchvision.models.DenseNet) else torch.randint(0, 32, (2, 8))
+    densenet = isinstance(model, torchvision.models.DenseNet)
+    inputs = torch.randn(2, 3, 32, 32) if densenet else torch.randint(0, 32, (2, 8))
     with pytest.raises(StrategyError, match=message) as refusal:
         model(inputs)
     assert "\n" not in str(refusal.value)

@@ -22,20 +22,70 @@ from zoo import ZOO
 # and GPT-2 with a key/value cache, an encoder-decoder.
 CI_ARCHS = ("cnn", "densenet", "swin", "llama", "gpt2", "t5")
 CI_PAIR_ARCHS = ("cnn", "llama")
+TRACED_FOR_LONG = {("compile", "swin"), ("compile", "t5")}  # 20-50 s of Dynamo tracing each: slow only
 
-# Failures measured on this branch, left to the owners of strategies/compress.py and strategies/approx_bp.py
-# (issue 16): the expectation stays the declared bound; strict, so a fix shows up as XPASS until removed here.
+# Failures measured on this branch (compress at 4 bits, approx_bp), left to the owners of strategies/compress.py
+# and strategies/approx_bp.py (issue 16): the expectation stays the declared bound; strict, so a fix shows up
+# as XPASS until its entry is removed here.
 KNOWN_FAILURES = {
-    ("compress", "resnet"): "compress 4-bit: layer1.0.bn2.weight grad cosine -0.23 < 0.85",
-    ("compress", "mobilenet_v3"): "compress 4-bit: features.3.block.0.1.weight grad cosine 0.29 < 0.85",
-    ("compress", "efficientnet"): "compress 4-bit: a zero gradient (bias before batch norm) becomes 8.6",
-    ("compress", "densenet"): "compress 4-bit: features.norm0.weight grad cosine 0.07 < 0.85",
-    ("compress", "qwen2"): "compress 4-bit: layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85",
-    ("compress", "mistral"): "compress 4-bit: non-finite gradients",
-    ("compress", "hf_vit"): "compress 4-bit: vit.layernorm.weight grad cosine 0.28 < 0.85",
-    ("compress", "t5"): "compress 4-bit: encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85",
-    ("approx_bp", "efficientnet"): "approx_bp: squeeze-excitation fc1.bias grad cosine -1.00 < 0.6",
-    ("approx_bp", "gpt2"): "approx_bp: transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6",
+    ("approx_bp", "efficientnet"): "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("compress", "mobilenet_v3"): "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
+    ("compress", "efficientnet"): "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
+    ("compress", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
+    ("compress", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
+    ("compress", "qwen2"): "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
+    ("compress", "mistral"): "non-finite loss or gradient",
+    ("compress", "hf_vit"): "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
+    ("compress", "t5"): "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
+    ("checkpoint + compress", "cnn"): "blocks.0.bn1.bias grad cosine 0.75 < 0.85 (whole gradient 0.97)",
+    ("checkpoint + compress", "resnet"): "layer1.0.bn1.bias grad cosine 0.71 < 0.85 (whole gradient 0.85)",
+    ("checkpoint + compress", "mobilenet_v3"): "features.0.1.weight grad cosine 0.26 < 0.85 (whole gradient 0.98)",
+    ("checkpoint + compress", "efficientnet"):
+        "features.2.0.block.0.1.weight grad cosine 0.45 < 0.85 (whole gradient 0.89)",
+    ("checkpoint + compress", "densenet"): "features.norm0.weight grad cosine -0.09 < 0.85 (whole gradient 1.00)",
+    ("checkpoint + compress", "vit"):
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight grad cosine 0.39 < 0.85 (whole gradient 0.53)",
+    ("checkpoint + compress", "hf_vit"):
+        "vit.layers.0.layernorm_after.weight grad cosine 0.02 < 0.85 (whole gradient 0.72)",
+    ("checkpoint + compress", "t5"):
+        "encoder.block.0.layer.0.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.93)",
+    ("compress + offload", "mobilenet_v3"):
+        "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
+    ("compress + offload", "efficientnet"):
+        "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
+    ("compress + offload", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
+    ("compress + offload", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
+    ("compress + offload", "qwen2"):
+        "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
+    ("compress + offload", "mistral"): "non-finite loss or gradient",
+    ("compress + offload", "hf_vit"):
+        "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
+    ("compress + offload", "t5"):
+        "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
+    ("approx_bp + compress", "efficientnet"):
+        "features.4.0.block.3.1.bias: zero gradient (up to rounding) becomes 0.18",
+    ("approx_bp + compress", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 0.99)",
+    ("approx_bp + compress", "vit"): "class_token grad cosine -0.02 < 0.6 (whole gradient 0.05)",
+    ("approx_bp + compress", "mistral"): "non-finite loss or gradient",
+    ("approx_bp + compress", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.60 < 0.6 (whole gradient 0.96)",
+    ("approx_bp + checkpoint", "efficientnet"):
+        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("approx_bp + checkpoint", "convnext"):
+        "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("approx_bp + checkpoint", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("chunked_ce + compress", "mistral"): "non-finite loss or gradient",
+    ("chunked_ce + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("lora + compress", "mistral"): "non-finite loss or gradient",
+    ("lora + compress", "hf_vit"):
+        "vit.layers.0.attention.q_proj.lora_B.default.weight grad cosine 0.21 < 0.85 (whole gradient 0.60)",
+    ("lora + approx_bp", "convnext"):
+        "features.1.0.block.3.lora_B.default.weight grad cosine 0.55 < 0.6 (whole gradient 0.74)",
+    ("compile + approx_bp", "efficientnet"):
+        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("compile + approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("compile + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
 }
 
 
@@ -43,7 +93,7 @@ def cases():
     for names in [(name,) for name in available_strategies()] + PAIRS:
         for arch in ZOO:
             marks = []
-            if arch not in (CI_ARCHS if len(names) == 1 else CI_PAIR_ARCHS):
+            if arch not in (CI_ARCHS if len(names) == 1 else CI_PAIR_ARCHS) or (names[0], arch) in TRACED_FOR_LONG:
                 marks.append(pytest.mark.slow)
             known = KNOWN_FAILURES.get((" + ".join(names), arch))
             if known:

@@ -1,8 +1,9 @@
 """A zoo of common architectures in tiny configs, for the strategy conformance suite (tests/conformance.py).
 
 Every model is built from a config object (no download) with 2 blocks per stack and widths of 16-64, so one
-forward and backward takes a fraction of a second on a CPU. ``traits`` say what a strategy can find in a
-model; ``tests/strategy_settings.py`` states, per strategy, the traits it needs.
+forward and backward takes a fraction of a second on a CPU; images are 64 px in batches of 4, token batches
+2 x 16. ``traits`` say what a strategy can find in a model; ``tests/strategy_settings.py`` states, per
+strategy, the traits it needs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ IMAGE_SIZE = 64  # ResNet-style stems divide by 32: at 32 px the last stage is 1
 VOCAB = 96
 
 # Traits:
-# - conv: convolutional blocks; linear_blocks: nn.Linear layers inside the repeated blocks;
+# - linear_blocks: nn.Linear layers inside the repeated blocks that their parent calls;
 # - gelu_silu: GELU/SiLU activations (or their Hugging Face classes); causal_lm: a Hugging Face causal LM;
 # - residual_blocks: repeated blocks that map a hidden-state tensor to one of its shape and return nothing
 #   else (not DenseNet's layers, which take a list, nor T5's, which hand a position bias on);
@@ -158,24 +159,24 @@ def _arch(name, build, make_batch, loss, *traits):
     return Arch(name, build, make_batch, loss, frozenset(traits))
 
 
+_blocks = ("residual_blocks",)
+_vision = ("linear_blocks", "gelu_silu", "residual_blocks")
 _causal = ("linear_blocks", "gelu_silu", "causal_lm", "velora_layers", "residual_blocks")
-_gpt2 = ("gelu_silu", "causal_lm", "residual_blocks")  # its blocks use transformers' Conv1D, not nn.Linear
 ZOO: dict[str, Arch] = {arch.name: arch for arch in [
-    _arch("cnn", tiny_cnn, cnn_batch, classifier_loss, "conv", "residual_blocks"),  # the suite's own TinyResNet, with dropout
-    _arch("resnet", resnet, images, classifier_loss, "conv", "residual_blocks"),
-    _arch("mobilenet_v3", mobilenet_v3, images, classifier_loss, "conv", "residual_blocks"),
-    _arch("efficientnet", efficientnet, images, classifier_loss, "conv", "gelu_silu", "residual_blocks"),
-    _arch("convnext", convnext, images, classifier_loss, "conv", "linear_blocks", "gelu_silu", "residual_blocks"),
-    _arch("densenet", densenet, images, classifier_loss, "conv"),
-    _arch("vit", vit, images, classifier_loss, "linear_blocks", "gelu_silu", "residual_blocks"),
-    _arch("swin", swin, images, classifier_loss, "linear_blocks", "gelu_silu", "residual_blocks"),
+    _arch("cnn", tiny_cnn, cnn_batch, classifier_loss, *_blocks),  # the suite's own TinyResNet, with dropout
+    _arch("resnet", resnet, images, classifier_loss, *_blocks),
+    _arch("mobilenet_v3", mobilenet_v3, images, classifier_loss, *_blocks),
+    _arch("efficientnet", efficientnet, images, classifier_loss, "gelu_silu", *_blocks),
+    _arch("convnext", convnext, images, classifier_loss, *_vision),
+    _arch("densenet", densenet, images, classifier_loss),
+    _arch("vit", vit, images, classifier_loss, *_vision),
+    _arch("swin", swin, images, classifier_loss, *_vision),
     _arch("llama", llama, tokens, causal_lm_loss, *_causal),
     _arch("qwen2", qwen2, tokens, causal_lm_loss, *_causal),
     _arch("mistral", mistral, tokens, causal_lm_loss, *_causal),
-    _arch("gpt2", gpt2, tokens, causal_lm_loss, *_gpt2),
-    _arch("bert", bert, tokens_and_class, partial(hf_labels_loss, input_key="input_ids"),
-          "linear_blocks", "gelu_silu", "residual_blocks"),
-    _arch("hf_vit", hf_vit, images, partial(hf_labels_loss, input_key="pixel_values"),
-          "linear_blocks", "gelu_silu", "residual_blocks", "velora_layers"),
+    # its blocks hold transformers' Conv1D, not nn.Linear
+    _arch("gpt2", gpt2, tokens, causal_lm_loss, "gelu_silu", "causal_lm", *_blocks),
+    _arch("bert", bert, tokens_and_class, partial(hf_labels_loss, input_key="input_ids"), *_vision),
+    _arch("hf_vit", hf_vit, images, partial(hf_labels_loss, input_key="pixel_values"), *_vision, "velora_layers"),
     _arch("t5", t5, seq2seq, seq2seq_loss, "linear_blocks", "gelu_silu"),
 ]}
