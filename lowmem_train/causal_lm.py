@@ -69,6 +69,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if config is None or output is None:
         return f"{type(model).__name__} is not a causal language model (no output embedding)"
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART: unshifted labels, a decoder fed by an encoder
+        return f"{type(model).__name__} is an encoder-decoder model, not a causal language model"
     if decoder_of(model) is model:
         return f"{type(model).__name__} has no separate decoder to run to the last hidden states"
     if not isinstance(getattr(output, "weight", None), torch.Tensor) or output.weight.dim() != 2:

@@ -53,6 +53,9 @@ def checkpointed_call(module: nn.Module, forward, *args, recompute_guard=frozen_
                       checkpoint_options: dict | None = None, **kwargs):
     """``forward(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant, RNG replayed); every
     recomputation runs inside ``recompute_guard(module)``, so batch-norm statistics update only once."""
+    # Rebuild the argument containers: a caller may change a list after the call (DenseNet appends each
+    # layer's output to the list of features it passed), and the recomputation must see it as it was.
+    args, kwargs = tree_unflatten(*tree_flatten((args, kwargs)))
     calls = 0
 
     def run(*inner_args, **inner_kwargs):

@@ -6,6 +6,7 @@ or, as a regular expression, fully matches its qualified name (``layer[12]\\..*`
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable
 
@@ -15,7 +16,7 @@ from .errors import StrategyError
 
 Selection = list[tuple[str, nn.Module]]
 
-_CONTAINERS = (nn.ModuleList, nn.Sequential)
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
@@ -28,10 +29,11 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
 
 
 def repeated_blocks(model: nn.Module) -> Selection:
-    """The outermost modules that sit, two or more of one class side by side, in a ModuleList/Sequential.
+    """The outermost modules that sit, two or more of one class side by side, in a ModuleList/Sequential/ModuleDict.
 
     This finds the bodies of ResNets (``layer1.0``, ...), transformer stacks (``model.layers.3``,
-    ``encoder.layers.encoder_layer_0``) and any model built the same way, without per-model rules.
+    ``encoder.layers.encoder_layer_0``, DenseNet's ``denseblock1.denselayer1``) and any model built the same
+    way, without per-model rules.
     Modules of one class that are not neighbours (Swin's patch-merging layers between stages) are no stack.
     """
     blocks: Selection = []
@@ -49,6 +51,18 @@ def repeated_blocks(model: nn.Module) -> Selection:
 def outermost(selection: Selection) -> Selection:
     """The selected modules not inside another selected one (wrapping a module inside a wrapped one only nests)."""
     return [(n, m) for n, m in selection if not any(n.startswith(other + ".") for other, _ in selection)]
+
+
+def weight_read_by_parent(model: nn.Module, name: str) -> bool:
+    """Whether the parent of module ``name`` reads its weight in its own forward (``nn.MultiheadAttention``'s
+    ``out_proj``, torchvision Swin's ``qkv`` and ``proj``) instead of calling it: a strategy that swaps or wraps
+    the module's forward (LoRA, VeLoRA) would never run there."""
+    parent, _, child = name.rpartition(".")
+    try:
+        source = inspect.getsource(type(model.get_submodule(parent)).forward)
+    except (OSError, TypeError):  # no Python source (a C++ module): it calls its children, if any
+        return False
+    return re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
 
 
 def _is_block(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
 from lowmem_train.causal_lm import causal_lm_of
-from lowmem_train.targets import repeated_blocks
+from lowmem_train.targets import repeated_blocks, weight_read_by_parent
 
 QUANTIZE = ("none", "nf4", "int8")
 ADAPTER = "default"  # PEFT's adapter name; one adapter per model here
@@ -70,7 +70,8 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every ``nn.Linear`` inside the repeated blocks (attention and MLP projections; not the embeddings or
     the output head)."""
     return [(f"{block_name}.{name}", module) for block_name, block in repeated_blocks(model)
-            for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+            for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) and not weight_read_by_parent(model, f"{block_name}.{name}")]
 
 
 def adapted_model(model: nn.Module) -> nn.Module:
@@ -93,6 +94,10 @@ class Lora(Strategy):
         chosen = select_modules(target, strategy=self.name, targets=self.options.target_modules,
                                 exclude=self.options.exclude, default=block_linears,
                                 what="linear layers inside the repeated blocks", option="target_modules")
+        bypassed = [n for n, _ in chosen if weight_read_by_parent(target, n)]
+        if bypassed:
+            raise StrategyError(f"strategy '{self.name}': {bypassed[0]}'s weight is read directly by its parent's "
+                                "forward, so an adapter there would never run; exclude it")
         unsupported = [(n, m) for n, m in chosen if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
         if unsupported:
             name, module = unsupported[0]

@@ -98,7 +98,8 @@ def _stacks(model: nn.Module, strategy: Reversible) -> list[list[str]]:
     stacks: list[list[str]] = []
     previous = None
     for name, module in blocks:
-        if getattr(module, "downsample", None) is not None:  # ResNet's first block of a stage: shapes change
+        # ResNet's first block of a stage, torchvision's inverted residuals without a skip: shapes change
+        if getattr(module, "downsample", None) is not None or getattr(module, "use_res_connect", True) is False:
             previous = None
             continue
         parent, _, child = name.rpartition(".")
@@ -144,6 +145,9 @@ def _first(output: Any) -> torch.Tensor:
 def _reversible_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs):
     position: _Position = self._lowmem_rev
     stack = position.stack
+    if not isinstance(hidden, torch.Tensor):
+        raise StrategyError(f"strategy 'reversible': block {position.name} takes a {type(hidden).__name__}, not a "
+                            "hidden-state tensor; exclude it (strategy.reversible.exclude)")
     if position.first:
         x1 = x2 = hidden
         if torch.is_grad_enabled():
@@ -173,6 +177,10 @@ def _reversible_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs):
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
         output = self._lowmem_inner_forward(x, *call_args, **call_kwargs)
         returns_tuple = isinstance(output, tuple)
+        if returns_tuple and any(extra is not None for extra in output[1:]):
+            # T5 hands its first block's position bias to the others: a stack returns only the hidden state.
+            raise StrategyError(f"strategy 'reversible': block {position.name} returns {len(output)} outputs that "
+                                "the model reads on; exclude it (strategy.reversible.exclude)")
         if _first(output).shape != x.shape:
             raise StrategyError(f"strategy 'reversible': block {position.name} maps {tuple(x.shape)} to "
                                 f"{tuple(_first(output).shape)}; exclude it (strategy.reversible.exclude)")

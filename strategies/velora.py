@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train.targets import weight_read_by_parent
 
 INITS = ("first_batch", "batch_average")
 # Value and MLP-down projections of Llama-style models, qkv and fc2 of ViTs (timm naming).
@@ -49,7 +50,8 @@ def default_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = "|".join(DEFAULT_LAYERS)
     pattern = re.compile(rf"(.*\.)?({names})(\.lora_A\.[^.]+)?")
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and pattern.fullmatch(n) and m.weight.requires_grad]
+            if isinstance(m, nn.Linear) and pattern.fullmatch(n) and m.weight.requires_grad
+            and not weight_read_by_parent(model, n)]
 
 
 class Velora(Strategy):
@@ -68,6 +70,9 @@ class Velora(Strategy):
             if not isinstance(module, nn.Linear):
                 raise StrategyError(f"strategy '{self.name}': {name} is a {type(module).__name__}, not an nn.Linear; "
                                     "set strategy.velora.targets to linear layers")
+            if weight_read_by_parent(model, name):
+                raise StrategyError(f"strategy '{self.name}': {name}'s weight is read directly by its parent's "
+                                    "forward, which never calls the layer; exclude it")
             if module.in_features % groups:
                 raise StrategyError(
                     f"strategy '{self.name}': {name} has {module.in_features} input features, not divisible by "

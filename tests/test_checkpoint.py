@@ -68,6 +68,8 @@ def test_small_llama_seq256_saves_over_2x_with_dropout_replayed():
     (lambda: BertModel(BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)),
      [f"encoder.layer.{i}" for i in range(3)]),
     (lambda: GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2)), [f"transformer.h.{i}" for i in range(3)]),
+    (lambda: torchvision.models.DenseNet(8, (2, 3), 16), [f"features.denseblock{b}.denselayer{i}"
+                                                          for b, n in ((1, 2), (2, 3)) for i in range(1, n + 1)]),
 ])
 def test_default_targets_find_repeated_blocks_without_per_model_rules(build, expected):
     model = build()
@@ -89,3 +91,22 @@ def test_checkpointed_model_deep_copies_and_runs_without_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
     assert list(model.state_dict()) == list(cifar_resnet18().state_dict())
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", {"selective_checkpoint": {"memory_budget": 0.5}}])
+def test_densenet_layers_get_the_feature_list_as_it_was_at_the_call(strategy):
+    """A DenseNet block appends each layer's output to the list it passed that layer: the recomputation
+    (and selective checkpoint's profiling) must see the list of the call, not the longer one."""
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(8, (3,), 16, bn_size=2, num_classes=4)
+    converted = apply_strategies(copy.deepcopy(model), strategy)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):  # selective checkpoint decides on the first forward, stores on the second
+        model.zero_grad()
+        converted.zero_grad()
+        torch.manual_seed(3)
+        _, expected = saved_bytes_and_grads(model, lambda m: m(x).square().mean())
+        torch.manual_seed(3)
+        _, got = saved_bytes_and_grads(converted, lambda m: m(x).square().mean())
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
 
 from conftest import compose_config, run_cli
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
@@ -247,6 +248,9 @@ def test_checkpoint_and_chunked_ce_train_through_the_trainer(tmp_path):
 @pytest.mark.parametrize("model, options, message", [
     (tiny_cnn, {}, "strategy 'chunked_ce': TinyResNet is not a causal language model"),
     (MODELS["llama"], {"chunk_size": 0}, "strategy 'chunked_ce': chunk_size=0 must be > 0"),
+    # shifted targets and an unscaled head would give T5 a wrong loss: refused, not converted
+    (lambda: T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1)), {},
+     "strategy 'chunked_ce': T5ForConditionalGeneration is an encoder-decoder model, not a causal language model"),
 ])
 def test_bad_input_is_a_strategy_error(model, options, message):
     with pytest.raises(StrategyError, match=message):

@@ -308,3 +308,28 @@ def test_cli_fine_tunes_an_instruction_model_and_its_adapters_reload(tiny_pretra
         torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-4)
         untrained = AutoModelForCausalLM.from_pretrained(llm.model_dir)(input_ids=ids).logits
         assert not torch.allclose(merged(input_ids=ids).logits, untrained, atol=1e-3)  # the adapters trained
+
+
+def tiny_swin():
+    import torchvision
+    return torchvision.models.SwinTransformer([4, 4], 16, [2], [2], [4, 4], num_classes=4)
+
+
+def test_layers_whose_weight_the_parent_reads_get_no_adapter():
+    """torchvision's Swin attention reads qkv.weight and proj.weight itself, nn.MultiheadAttention its
+    out_proj.weight: an adapter there would never run, so the default leaves them out..."""
+    import torchvision
+    swin = tiny_swin()
+    assert [n.rsplit(".", 1)[-1] for n, _ in block_linears(swin)] == ["0", "3", "0", "3"]  # the MLPs only
+    vit = torchvision.models.VisionTransformer(32, 16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    assert not any(n.endswith("out_proj") for n, _ in block_linears(vit))
+    apply_strategies(swin, {"lora": {"r": 2}})
+    swin(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in swin.parameters() if p.requires_grad)
+
+
+def test_naming_a_layer_whose_weight_the_parent_reads_is_refused():
+    """...and naming one is a one-line error."""
+    with pytest.raises(StrategyError, match=r"^strategy 'lora': features.1.0.attn.qkv's weight is read directly by "
+                                            r"its parent's forward, so an adapter there would never run; exclude it$"):
+        apply_strategies(tiny_swin(), {"lora": {"target_modules": [".*qkv"]}})

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, T5Config, T5EncoderModel
 
-from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies
+from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
 from lowmem_train.strategies.reversible import use_plain_autograd
 from tiny_models import TinyResNet, tiny_llama_config
 
@@ -123,3 +124,23 @@ def test_stacks_are_runs_of_neighbouring_blocks_that_keep_their_shape():
     assert resnet == {"layer1.0": "reversible stack 0 block 1/2", "layer1.1": "reversible stack 0 block 2/2",
                       "layer2.1": "reversible stack 1 block 1/1", "layer3.1": "reversible stack 2 block 1/1",
                       "layer4.1": "reversible stack 3 block 1/1"}  # layerN.0 downsamples: not reversible
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: torchvision.models.DenseNet(8, (2,), 16), "denselayer1 takes a list, not a hidden-state tensor"),
+    (lambda: T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)),
+     "block encoder.block.0 returns 3 outputs that the model reads on"),
+])
+def test_blocks_that_do_not_map_one_tensor_to_one_tensor_are_refused_at_the_first_forward(build, message):
+    model = apply_strategies(build(), "reversible")
+    densenet = isinstance(model, torchvision.models.DenseNet)
+    inputs = torch.randn(2, 3, 32, 32) if densenet else torch.randint(0, 32, (2, 8))
+    with pytest.raises(StrategyError, match=message) as refusal:
+        model(inputs)
+    assert "\n" not in str(refusal.value)
+
+
+def test_inverted_residuals_without_a_skip_are_left_out():
+    model = torchvision.models.mobilenet_v2(width_mult=0.25)
+    names = [t.module for t in get_strategy_class("reversible")().plan(model)]
+    assert names and all(model.get_submodule(n).use_res_connect for n in names)

@@ -1,41 +1,104 @@
-"""One generic test over the strategy registry: every registered strategy, on a tiny CNN and a tiny transformer."""
+"""The generic conformance test over the strategy registry: every registered strategy, and every combination
+the README promises (tests/conformance.py PAIRS), on every architecture of the zoo (tests/zoo.py).
 
-import copy
+Each case applies or is refused in one line as tests/strategy_settings.py expects, keeps the forward, gives
+plain backprop's gradients (exact strategies) or stays within its declared cosine (lossy ones), and saves
+bytes where that is its point. CI runs every strategy on CI_ARCHS and the pairs on CI_PAIR_ARCHS; the whole
+matrix is marked slow (``pytest -m slow``; ``python scripts/conformance_table.py`` prints it as a table).
+"""
 
 import pytest
 import torch
 
+import conformance
 from conftest import compose_config
-from lowmem_train import StrategyError, apply_strategies, available_strategies, get_strategy_class
+from conformance import PAIRS, check
+from lowmem_train import available_strategies, get_strategy_class
 from lowmem_train.cli import CONFIG_DIR
 from strategy_settings import STRATEGY_SETTINGS
-from tiny_models import MODELS, loss_of
+from zoo import ZOO
+
+# One of each family: batch norm and dropout, list arguments, weights read by the parent module, a Llama
+# and GPT-2 with a key/value cache, an encoder-decoder.
+CI_ARCHS = ("cnn", "densenet", "swin", "llama", "gpt2", "t5")
+CI_PAIR_ARCHS = ("cnn", "llama")
+TRACED_FOR_LONG = {("compile", "swin"), ("compile", "t5")}  # 20-50 s of Dynamo tracing each: slow only
+
+# Failures measured on this branch (compress at 4 bits, approx_bp), left to the owners of strategies/compress.py
+# and strategies/approx_bp.py (issue 16): the expectation stays the declared bound; strict, so a fix shows up
+# as XPASS until its entry is removed here.
+KNOWN_FAILURES = {
+    ("approx_bp", "efficientnet"): "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("compress", "mobilenet_v3"): "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
+    ("compress", "efficientnet"): "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
+    ("compress", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
+    ("compress", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
+    ("compress", "qwen2"): "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
+    ("compress", "mistral"): "non-finite loss or gradient",
+    ("compress", "hf_vit"): "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
+    ("compress", "t5"): "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
+    ("checkpoint + compress", "cnn"): "blocks.0.bn1.bias grad cosine 0.75 < 0.85 (whole gradient 0.97)",
+    ("checkpoint + compress", "resnet"): "layer1.0.bn1.bias grad cosine 0.71 < 0.85 (whole gradient 0.85)",
+    ("checkpoint + compress", "mobilenet_v3"): "features.0.1.weight grad cosine 0.26 < 0.85 (whole gradient 0.98)",
+    ("checkpoint + compress", "efficientnet"):
+        "features.2.0.block.0.1.weight grad cosine 0.45 < 0.85 (whole gradient 0.89)",
+    ("checkpoint + compress", "densenet"): "features.norm0.weight grad cosine -0.09 < 0.85 (whole gradient 1.00)",
+    ("checkpoint + compress", "vit"):
+        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight grad cosine 0.39 < 0.85 (whole gradient 0.53)",
+    ("checkpoint + compress", "hf_vit"):
+        "vit.layers.0.layernorm_after.weight grad cosine 0.02 < 0.85 (whole gradient 0.72)",
+    ("checkpoint + compress", "t5"):
+        "encoder.block.0.layer.0.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.93)",
+    ("compress + offload", "mobilenet_v3"):
+        "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
+    ("compress + offload", "efficientnet"):
+        "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
+    ("compress + offload", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
+    ("compress + offload", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
+    ("compress + offload", "qwen2"):
+        "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
+    ("compress + offload", "mistral"): "non-finite loss or gradient",
+    ("compress + offload", "hf_vit"):
+        "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
+    ("compress + offload", "t5"):
+        "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
+    ("approx_bp + compress", "efficientnet"):
+        "features.4.0.block.3.1.bias: zero gradient (up to rounding) becomes 0.18",
+    ("approx_bp + compress", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 0.99)",
+    ("approx_bp + compress", "vit"): "class_token grad cosine -0.02 < 0.6 (whole gradient 0.05)",
+    ("approx_bp + compress", "mistral"): "non-finite loss or gradient",
+    ("approx_bp + compress", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.60 < 0.6 (whole gradient 0.96)",
+    ("approx_bp + checkpoint", "efficientnet"):
+        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("approx_bp + checkpoint", "convnext"):
+        "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("approx_bp + checkpoint", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("chunked_ce + compress", "mistral"): "non-finite loss or gradient",
+    ("chunked_ce + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+    ("lora + compress", "mistral"): "non-finite loss or gradient",
+    ("lora + compress", "hf_vit"):
+        "vit.layers.0.attention.q_proj.lora_B.default.weight grad cosine 0.21 < 0.85 (whole gradient 0.60)",
+    ("lora + approx_bp", "convnext"):
+        "features.1.0.block.3.lora_B.default.weight grad cosine 0.55 < 0.6 (whole gradient 0.74)",
+    ("compile + approx_bp", "efficientnet"):
+        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
+    ("compile + approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
+    ("compile + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+}
 
 
-def first_step_grads(model, kind, batch, steps=2):
-    """Gradients of the first step, after running ``steps`` SGD steps (so the strategy runs twice)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    grads = None
-    for _ in range(steps):
-        torch.manual_seed(7)  # same dropout masks in the baseline and the strategy run
-        loss = loss_of(kind, model, batch)
-        loss.backward()
-        if grads is None:
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        optimizer.zero_grad()
-        assert torch.isfinite(loss)
-    return grads
-
-
-def check_adapter(baseline, model, params_before, kind, batch):
-    """Same loss at initialisation; the original parameters kept and frozen; only added ones get gradients."""
-    torch.testing.assert_close(loss_of(kind, model, batch), loss_of(kind, baseline, batch))
-    originals = {id(p) for p in params_before.values()}
-    kept = [p for p in model.parameters() if id(p) in originals]
-    assert len(kept) == len(originals) and not any(p.requires_grad for p in kept)
-    grads = first_step_grads(model, kind, batch)
-    assert grads and all(id(p) not in originals for n, p in model.named_parameters() if n in grads)
+def cases():
+    for names in [(name,) for name in available_strategies()] + PAIRS:
+        for arch in ZOO:
+            marks = []
+            if arch not in (CI_ARCHS if len(names) == 1 else CI_PAIR_ARCHS) or (names[0], arch) in TRACED_FOR_LONG:
+                marks.append(pytest.mark.slow)
+            known = KNOWN_FAILURES.get((" + ".join(names), arch))
+            if known:
+                marks.append(pytest.mark.xfail(reason=known, strict=True))
+            yield pytest.param(names, arch, id=f"{'+'.join(names)}-{arch}", marks=marks)
 
 
 @pytest.mark.parametrize("name", available_strategies())
@@ -47,43 +110,39 @@ def test_strategy_has_settings_and_config(name):
     get_strategy_class(name)(cfg.strategy[name])  # the shipped options are valid
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("name", available_strategies())
-def test_strategy_on_tiny_models(name, kind):
-    settings = STRATEGY_SETTINGS[name]
-    build, make_batch = MODELS[kind]
-    torch.manual_seed(0)
-    baseline = build()
-    model = copy.deepcopy(baseline)
-    params_before = {n: p for n, p in model.named_parameters()}
-    values_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    spec = {name: settings["options"]}
-    if kind not in settings["applies_to"]:
-        with pytest.raises(StrategyError):
-            apply_strategies(model, spec)
-        return
-    assert apply_strategies(model, spec) is model
-    assert apply_strategies(model, spec) is model  # applying again does not wrap twice
-    if settings.get("adapter"):
-        check_adapter(baseline, model, params_before, kind, make_batch())
-        return
-    assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
-    for n, p in model.named_parameters():
-        assert p is params_before[n], f"{name} replaced parameter {n}"
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. norm weights folded away
-    batch = make_batch()
-    expected = first_step_grads(baseline, kind, batch)
-    got = first_step_grads(model, kind, batch)
-    assert got.keys() == expected.keys() - frozen
-    strategy = get_strategy_class(name)
-    if strategy.exact:
-        assert not frozen, f"exact strategy {name} froze {sorted(frozen)}"
-        unchanged = all(torch.equal(values_before[n], p) for n, p in model.named_parameters())
-        assert not unchanged, "two training steps left every parameter unchanged"
-        for n in expected:
-            torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=f"{name}: grad of {n}")
-    elif settings["min_grad_cosine"] is not None:
-        bound = settings["min_grad_cosine"]
-        for n in got:
-            cosine = torch.nn.functional.cosine_similarity(got[n].flatten(), expected[n].flatten(), dim=0)
-            assert cosine >= bound, f"{name}: grad cosine of {n} is {cosine:.4f} < {bound}"
+def test_zoo_has_the_promised_architectures():
+    assert len(ZOO) >= 12
+    for arch in ZOO.values():
+        torch.manual_seed(0)
+        assert torch.isfinite(arch.loss(arch.build(), arch.make_batch()))
+
+
+@pytest.mark.parametrize("names, arch", cases())
+def test_conformance(names, arch):
+    outcome = check(names, ZOO[arch])
+    assert outcome.status != "FAIL", outcome.detail
+
+
+def test_check_fails_a_strategy_applied_where_a_refusal_is_expected(monkeypatch):
+    monkeypatch.setitem(STRATEGY_SETTINGS, "checkpoint", {**STRATEGY_SETTINGS["checkpoint"], "needs": ("causal_lm",)})
+    assert check(("checkpoint",), ZOO["cnn"]) == conformance.Outcome(
+        "FAIL", "applied where the settings expect a refusal")
+
+
+def test_check_fails_wrong_gradients_of_a_strategy_declared_exact(monkeypatch):
+    monkeypatch.setattr(get_strategy_class("compress"), "exact", True)
+    outcome = check(("compress",), ZOO["cnn"])
+    assert outcome.status == "FAIL" and outcome.detail.startswith("grad of "), outcome
+
+
+def test_check_fails_a_memory_strategy_that_converts_nothing(monkeypatch):
+    monkeypatch.setattr(get_strategy_class("checkpoint"), "apply", lambda self, model, plan: None)
+    assert check(("checkpoint",), ZOO["cnn"]).detail.startswith("saves nothing")
+
+
+def test_check_reports_a_crash_in_one_line(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", broken)
+    monkeypatch.setattr("lowmem_train.recompute.checkpoint", broken)
+    assert check(("checkpoint",), ZOO["cnn"]) == conformance.Outcome("FAIL", "RuntimeError: boom")

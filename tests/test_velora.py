@@ -121,3 +121,14 @@ def test_lora_adapters_input_is_projected():
 def test_bad_input_is_a_one_line_error(options, message):
     with pytest.raises(StrategyError, match=message):
         apply_strategies(tiny_transformer(), {"velora": options})
+
+
+def test_a_linear_whose_weight_the_parent_reads_is_never_projected():
+    """torchvision's Swin attention reads qkv.weight itself: VeLoRA's forward would never run there."""
+    import torchvision
+    swin = torchvision.models.SwinTransformer([4, 4], 16, [2], [2], [4, 4], num_classes=4)
+    with pytest.raises(StrategyError, match="default value/MLP-down projections .* match no module"):
+        apply_strategies(swin, {"velora": {"groups": 4}})
+    with pytest.raises(StrategyError, match=r"^strategy 'velora': features.1.0.attn.qkv's weight is read directly by "
+                                            r"its parent's forward, which never calls the layer; exclude it$"):
+        apply_strategies(swin, {"velora": {"groups": 4, "targets": [".*qkv"]}})
