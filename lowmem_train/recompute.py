@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from .saved_tensors import recompute_inputs
+
 
 @contextmanager
 def frozen_norm_statistics(module: nn.Module):
@@ -66,4 +68,7 @@ def checkpointed_call(module: nn.Module, forward, *args, recompute_guard=frozen_
         with recompute_guard(module):
             return forward(*inner_args, **inner_kwargs)
 
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **(checkpoint_options or {}), **kwargs)
+    kept = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
+    with recompute_inputs(kept):
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **(checkpoint_options or {}),
+                          **kwargs)

@@ -9,6 +9,7 @@ was finally stored. A meter entered around a forward without any pipeline counts
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -28,6 +29,23 @@ class SavedTensorStage(Protocol):
 
 
 _ACTIVE_METERS: ContextVar[tuple[SavedBytesMeter, ...]] = ContextVar("lowmem_active_meters", default=())
+_RECOMPUTE_INPUTS: ContextVar[frozenset[int]] = ContextVar("lowmem_recompute_inputs", default=frozenset())
+
+
+@contextmanager
+def recompute_inputs(tensors):
+    """While a checkpointed block is called: ``tensors`` are what its forward will be run again from in
+    backward. A lossy stage must treat them apart: their rounding error is fed forward through the whole
+    block again, not only into one op's backward."""
+    token = _RECOMPUTE_INPUTS.set(_RECOMPUTE_INPUTS.get() | {t.untyped_storage().data_ptr() for t in tensors})
+    try:
+        yield
+    finally:
+        _RECOMPUTE_INPUTS.reset(token)
+
+
+def is_recompute_input(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() in _RECOMPUTE_INPUTS.get()
 
 
 def model_state_storages(model: nn.Module | None) -> set[int]:

@@ -8,6 +8,7 @@ over a training step (not measured on CPU). Examples:
     python scripts/bench_compress.py --model resnet50 --batch 8 --image-size 64 --steps 3   # CPU smoke
     python scripts/bench_compress.py --model llama --batch 4 --seq-len 256 --adaptive
     python scripts/bench_compress.py --model llama --bias-samples 32   # mean of K gradients -> exact?
+    python scripts/bench_compress.py --model llama --chunked-ce       # the loss path without full logits
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main():
     parser.add_argument("--bias-samples", type=int, default=0,
                         help="K: also report how much closer the mean of K stochastic gradients is (K if unbiased)")
     parser.add_argument("--channels-last", action="store_true", help="ResNet in channels-last memory format")
+    parser.add_argument("--chunked-ce", action="store_true",
+                        help="llama: every configuration (none included) computes its loss with chunked_ce, so the "
+                             "log-softmax that compress keeps exact is not in the step")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +124,8 @@ def main():
         torch.manual_seed(0)
         base, loss_fn, items = cases[name](case_args, device)
         base = base.to(device)
+        if args.chunked_ce and name == "llama":
+            apply_strategies(base, "chunked_ce")
         if args.channels_last and name == "resnet50":
             base = base.to(memory_format=torch.channels_last)
         exact = gradients(base, loss_fn)

@@ -142,6 +142,35 @@ def _check(names: tuple[str, ...], arch: Arch) -> Outcome:
     return Outcome("bound", cosine=cosines[worst])
 
 
+def input_gradient_cosine(spec, arch: Arch) -> float:
+    """Cosine between the loss gradient w.r.t. the model's first activation (the images, or the input
+    embeddings' output) with ``spec`` applied and without it: whether a lossy strategy keeps the gradient's
+    direction through the whole backward, as a parameter-by-parameter bound cannot tell."""
+    torch.manual_seed(0)
+    base = arch.build()
+    batch = arch.make_batch()
+    gradients = []
+    for model in (base, apply_strategies(copy.deepcopy(base), spec)):
+        first = []
+        if isinstance(batch, tuple) and batch[0].is_floating_point():  # images
+            batch = (batch[0].detach().requires_grad_(), *batch[1:])
+            first.append(batch[0])
+        else:  # tokens: the output of the (first call of the) input embedding
+            def keep(module, args, output):
+                if not first:
+                    output.retain_grad()
+                    first.append(output)
+            encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            encoder = model.get_encoder() if encoder_decoder else model  # T5: the encoder's own embedding
+            encoder.get_input_embeddings().register_forward_hook(keep)
+        torch.manual_seed(7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arch.loss(model, batch).backward()
+        gradients.append(first[0].grad.double().flatten())
+    return torch.nn.functional.cosine_similarity(*gradients, dim=0).item()
+
+
 def _refusal(names, arch: Arch, message: str) -> Outcome:
     if "\n" in message or not message:
         fail(f"refusal is not one line: {message!r}")

@@ -271,18 +271,38 @@ def test_model_random_stream_and_forward_are_unchanged():
     assert torch.equal(states[0], states[1])  # rounding draws from compress's own generator
 
 
-def test_composes_with_checkpoint():
+def test_composes_with_checkpoint_keeping_block_inputs_at_8_bits():
+    """A block is recomputed from its kept input, so that input's rounding error is fed forward through the
+    whole block again (the class token of a ViT, SmolLM2's massive-activation token: checkpoint + 4-bit
+    input-gradient cosine 0.04 there). Kept inputs of a recomputed block get at least 8 bits (0.99)."""
     build, make_batch = MODELS["cnn"]
     torch.manual_seed(0)
     model = build()
     batch = make_batch(16)
     run = lambda m: loss_of("cnn", m, batch)  # noqa: E731
     checkpointed = apply_strategies(copy.deepcopy(model), "checkpoint")
-    both = apply_strategies(copy.deepcopy(model), {"compress": {"bits": 8, "min_numel": 256}, "checkpoint": {}})
-    assert saved_bytes(both, run) < saved_bytes(checkpointed, run) / 3  # the block inputs shrink too
-    # a block is recomputed from its rounded input, so the error passes through the block's forward
-    # (ReLU masks near zero flip): lower than compress alone (>= 0.999 at 8 bits)
-    cos = cosines(grads(both, "cnn", batch), grads(model, "cnn", batch))
+    both = {bits: apply_strategies(copy.deepcopy(model), {"compress": {"bits": bits, "min_numel": 256}, "checkpoint": {}})
+            for bits in (2, 8)}
+    assert saved_bytes(both[8], run) < saved_bytes(checkpointed, run) / 3  # the block inputs shrink too
+
+    class Blocks(nn.Module):  # nothing outside the checkpointed blocks saves a tensor
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    blocks, x = Blocks(), torch.randn(32, 64)
+    kept = [saved_bytes(apply_strategies(copy.deepcopy(blocks), {"compress": {"bits": bits, "min_numel": 0},
+                                                                 "checkpoint": {"targets": ["Sequential"]}}),
+                        lambda m: m(x).sum())
+            for bits in (2, 8)]
+    assert kept[0] == kept[1] < 3 * x.nbytes / 3.5  # three block inputs at 8 bits whatever `bits`
+    # the error passes through the block's forward (ReLU masks near zero flip): lower than compress alone
+    cos = cosines(grads(both[8], "cnn", batch), grads(model, "cnn", batch))
     assert min(cos.values()) > 0.95
 
 
@@ -439,6 +459,67 @@ def test_non_finite_log_domain_and_constant_tensors_are_kept_exact():
     assert torch.equal(lossy.linear.weight.grad, expected)
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_norm_inputs_are_quantised_per_row_or_channel(norm):
+    """A class token (ViT: initialised at std 0.02) shares its quantisation group with patch tokens of std 1,
+    and the loss reads only its row: one step for the whole group turned its LayerNorm gradient to noise
+    (HF ViT whole-gradient cosine -0.04 at 4 bits). Likewise a low-variance BatchNorm channel. Each row
+    (channel) is now standardised before rounding, its bf16 mean and std kept."""
+    torch.manual_seed(0)
+    if norm == "layer":
+        model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 4))
+        x = torch.randn(8, 17, 64)
+        x[:, 0] *= 0.02  # the class token's row
+        head = lambda out: out[:, 0]  # noqa: E731
+    else:
+        model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+        x = torch.randn(4, 8, 4, 4)
+        with torch.no_grad():
+            model[0].weight[0] *= 0.01  # a channel of tiny variance next to large ones
+            model[0].bias.zero_()
+        head = lambda out: out  # noqa: E731
+    target = torch.randn_like(head(model(x)))
+    loss = lambda m: (head(m(x)) - target).square().sum()  # noqa: E731
+    loss(model).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    lossy = compressed(model, bits=4, layers=["norm"], min_numel=0)
+    loss(lossy).backward()
+    cos = cosines({n: p.grad for n, p in lossy.named_parameters()}, expected)
+    assert min(cos.values()) > 0.95, cos
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Hardswish(inplace=True)],
+                         ids=["silu", "gelu", "gelu_tanh", "hardswish"])
+def test_smooth_activations_save_their_derivative(activation):
+    """Their backward is then linear in what is saved: the rounding stays unbiased."""
+    x = torch.linspace(-6, 6, 4001, requires_grad=True)
+    function, derivative = C._activation_pair(activation)
+    (expected,) = torch.autograd.grad(activation(x.clone()).sum(), x)
+    torch.testing.assert_close(derivative(x.detach()), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(function(x.detach()), activation(x.detach().clone()))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), activation, nn.Linear(64, 8))
+    batch = torch.randn(16, 32)
+    model(batch).square().sum().backward()
+    exact = {n: p.grad.clone() for n, p in model.named_parameters()}
+    lossy = compressed(model, bits=2, layers=["activation"], min_numel=0)
+    with SavedBytesMeter(lossy) as meter:
+        out = lossy(batch)
+    torch.testing.assert_close(out, model(batch))  # the forward is exact
+    samples = []
+    for _ in range(64):
+        lossy.zero_grad()
+        lossy(batch).square().sum().backward()
+        samples.append(lossy[0].weight.grad.clone())
+    one = float((samples[0] - exact["0.weight"]).norm() / exact["0.weight"].norm())
+    mean = float((sum(samples) / len(samples) - exact["0.weight"]).norm() / exact["0.weight"].norm())
+    assert one > 0.01 and mean < one / 4  # unbiased: the mean of 64 draws is ~8x closer than one
+    with SavedBytesMeter(model) as plain:
+        model(batch)
+    hidden = 16 * 64 * 4  # the activation's fp32 input, which plain backprop keeps
+    assert plain.bytes - hidden < meter.bytes < plain.bytes - hidden * 0.9  # the derivative: ~2 bits a value
+
+
 class Attention(nn.Module):
     def __init__(self, width=64, heads=4):
         super().__init__()
@@ -450,10 +531,11 @@ class Attention(nn.Module):
         return self.out(h.transpose(1, 2).flatten(2))
 
 
-def test_fused_attention_keeps_query_key_and_value_at_8_bits():
-    """A fused attention backward recomputes exp(q.k - logsumexp) against the forward's exact statistics:
-    2-bit q and k are exponentiated (here: cosine 0.04 to the exact gradient; on SmolLM2 it overflowed).
-    They keep 8 bits (here: 0.84); the attention output the call saves keeps the strategy's bits."""
+def test_fused_attention_keeps_its_saved_tensors_at_8_bits():
+    """A fused attention backward recomputes exp(q.k - logsumexp) against the forward's exact statistics,
+    so 2-bit q and k are exponentiated (here: cosine 0.04 to the exact gradient; on SmolLM2 it overflowed),
+    and it subtracts rowsum(dO * O) from every key's gradient, a difference that a 2-bit O drowns (SmolLM2,
+    attention only at 2 bits: input-gradient cosine 0.16; 0.995 with O at 8 bits). The call keeps 8 bits."""
     torch.manual_seed(0)
     model = Attention()
     with torch.no_grad():
@@ -470,10 +552,8 @@ def test_fused_attention_keeps_query_key_and_value_at_8_bits():
         saved[bits] = meter.bytes
         if bits == 2:
             cos = cosines({n: p.grad for n, p in lossy.named_parameters()}, expected)
-    assert all(math.isfinite(c) for c in cos.values()) and cos["qkv.weight"] > 0.75, cos
-    # only the output differs between 2 and 8 bits: 6 bits per value, less its exact outliers
-    output_bits_saved = (saved[8] - saved[2]) * 8 / x.numel()
-    assert 5.5 < output_bits_saved <= 6, output_bits_saved
+    assert all(math.isfinite(c) for c in cos.values()) and cos["qkv.weight"] > 0.95, cos
+    assert saved[2] == saved[8]  # q, k, v and the output at 8 bits whatever the strategy's bits
 
 
 # ---------------------------------------------------------------- saved bytes on real architectures
@@ -482,14 +562,16 @@ def test_fused_attention_keeps_query_key_and_value_at_8_bits():
 def test_resnet50_saves_at_least_12x_less_at_2_bits():
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
-    x = torch.randn(4, 3, 64, 64)  # at this size BN statistics (counted as saved bytes) still cost ~13%
+    x = torch.randn(8, 3, 64, 64)  # fixed costs (BN and per-channel statistics) weigh at this size
     run = lambda m: m(x).sum()  # noqa: E731
     plain = saved_bytes(model, run)
     ratio = plain / saved_bytes(compressed(model, bits=2), run)
     assert ratio >= 12, ratio
 
 
-def test_llama_and_vit_save_at_least_6x_less_at_2_bits():
+def test_llama_and_vit_save_at_least_5x_less_at_2_bits():
+    """Measured 7.1x (Llama) and 5.75x (ViT): attention's saved tensors keep 8 bits, norm inputs a bf16 mean
+    and std per row (here rows of only 64 values)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 96, (2, 64))
     llama = LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=172))
@@ -499,7 +581,7 @@ def test_llama_and_vit_save_at_least_6x_less_at_2_bits():
     for model, run in ((llama, lambda m: m(input_ids=ids, labels=ids).loss),
                        (vit, lambda m: m(pixel_values=pixels, labels=labels).loss)):
         ratio = saved_bytes(model, run) / saved_bytes(compressed(model, bits=2), run)
-        assert ratio >= 6, (type(model).__name__, ratio)
+        assert ratio >= 5.5, (type(model).__name__, ratio)
 
 
 # ---------------------------------------------------------------- Triton kernels (CPU interpreter)

@@ -91,3 +91,14 @@ def test_batch_norm_running_statistics_are_model_state_not_activations():
     with SavedBytesMeter(norm) as meter:
         norm(x).sum()
     assert meter.bytes == x.nbytes + 2 * 64 * 4  # input + saved mean and inverse std; running stats excluded
+
+
+def test_recompute_inputs_are_known_while_the_checkpointed_call_runs():
+    from lowmem_train.saved_tensors import is_recompute_input, recompute_inputs
+    kept, other = torch.randn(4), torch.randn(4)
+    with recompute_inputs([kept]):
+        assert is_recompute_input(kept) and is_recompute_input(kept.view(2, 2)) and not is_recompute_input(other)
+        with recompute_inputs([other]):  # a block inside a block: both
+            assert is_recompute_input(kept) and is_recompute_input(other)
+        assert not is_recompute_input(other)
+    assert not is_recompute_input(kept)

@@ -24,68 +24,25 @@ CI_ARCHS = ("cnn", "densenet", "swin", "llama", "gpt2", "t5")
 CI_PAIR_ARCHS = ("cnn", "llama")
 TRACED_FOR_LONG = {("compile", "swin"), ("compile", "t5")}  # 20-50 s of Dynamo tracing each: slow only
 
-# Failures measured on this branch (compress at 4 bits, approx_bp), left to the owners of strategies/compress.py
-# and strategies/approx_bp.py (issue 16): the expectation stays the declared bound; strict, so a fix shows up
-# as XPASS until its entry is removed here.
+# Open failures (compress at 4 bits, approx_bp), all a batch norm weight of a tiny CNN whose gradient, a sum
+# of g * x_hat over the batch and the image that nearly cancels, loses its direction while the whole gradient
+# keeps it: the expectation stays the declared bound; strict, so a fix shows up as XPASS until its entry goes.
 KNOWN_FAILURES = {
-    ("approx_bp", "efficientnet"): "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
-    ("approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
-    ("approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
-    ("compress", "mobilenet_v3"): "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
-    ("compress", "efficientnet"): "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
-    ("compress", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
-    ("compress", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
-    ("compress", "qwen2"): "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
-    ("compress", "mistral"): "non-finite loss or gradient",
-    ("compress", "hf_vit"): "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
-    ("compress", "t5"): "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
-    ("checkpoint + compress", "cnn"): "blocks.0.bn1.bias grad cosine 0.75 < 0.85 (whole gradient 0.97)",
-    ("checkpoint + compress", "resnet"): "layer1.0.bn1.bias grad cosine 0.71 < 0.85 (whole gradient 0.85)",
-    ("checkpoint + compress", "mobilenet_v3"): "features.0.1.weight grad cosine 0.26 < 0.85 (whole gradient 0.98)",
+    ("approx_bp", "efficientnet"): "features.0.1.weight grad cosine 0.51 < 0.6 (whole gradient 0.91)",
+    ("compress", "mobilenet_v3"): "features.3.block.0.1.weight grad cosine 0.35 < 0.85 (whole gradient 0.99)",
+    ("compress", "efficientnet"): "features.3.0.block.0.1.weight grad cosine 0.59 < 0.85 (whole gradient 0.96)",
+    ("compress", "densenet"): "features.norm0.weight grad cosine -0.09 < 0.85 (whole gradient 1.00)",
     ("checkpoint + compress", "efficientnet"):
-        "features.2.0.block.0.1.weight grad cosine 0.45 < 0.85 (whole gradient 0.89)",
-    ("checkpoint + compress", "densenet"): "features.norm0.weight grad cosine -0.09 < 0.85 (whole gradient 1.00)",
-    ("checkpoint + compress", "vit"):
-        "encoder.layers.encoder_layer_0.self_attention.in_proj_weight grad cosine 0.39 < 0.85 (whole gradient 0.53)",
-    ("checkpoint + compress", "hf_vit"):
-        "vit.layers.0.layernorm_after.weight grad cosine 0.02 < 0.85 (whole gradient 0.72)",
-    ("checkpoint + compress", "t5"):
-        "encoder.block.0.layer.0.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.93)",
-    ("compress + offload", "mobilenet_v3"):
-        "features.3.block.0.1.weight grad cosine 0.05 < 0.85 (whole gradient 0.99)",
+        "features.3.0.block.0.1.weight grad cosine 0.57 < 0.85 (whole gradient 0.98)",
+    ("checkpoint + compress", "densenet"): "features.norm0.weight grad cosine -0.01 < 0.85 (whole gradient 1.00)",
+    ("compress + offload", "mobilenet_v3"): "features.3.block.0.1.weight grad cosine 0.35 < 0.85 (whole gradient 0.99)",
     ("compress + offload", "efficientnet"):
-        "features.6.0.block.0.1.weight grad cosine 0.37 < 0.85 (whole gradient 0.88)",
-    ("compress + offload", "densenet"): "features.norm0.weight grad cosine -0.12 < 0.85 (whole gradient 1.00)",
-    ("compress + offload", "vit"): "class_token grad cosine -0.04 < 0.85 (whole gradient 0.01)",
-    ("compress + offload", "qwen2"):
-        "model.layers.1.self_attn.k_proj.bias grad cosine 0.84 < 0.85 (whole gradient 0.99)",
-    ("compress + offload", "mistral"): "non-finite loss or gradient",
-    ("compress + offload", "hf_vit"):
-        "vit.layers.1.layernorm_before.bias grad cosine -0.13 < 0.85 (whole gradient 0.48)",
-    ("compress + offload", "t5"):
-        "encoder.block.0.layer.1.layer_norm.weight grad cosine 0.82 < 0.85 (whole gradient 0.94)",
+        "features.3.0.block.0.1.weight grad cosine 0.59 < 0.85 (whole gradient 0.96)",
+    ("compress + offload", "densenet"): "features.norm0.weight grad cosine -0.09 < 0.85 (whole gradient 1.00)",
     ("approx_bp + compress", "efficientnet"):
-        "features.4.0.block.3.1.bias: zero gradient (up to rounding) becomes 0.18",
-    ("approx_bp + compress", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 0.99)",
-    ("approx_bp + compress", "vit"): "class_token grad cosine -0.02 < 0.6 (whole gradient 0.05)",
-    ("approx_bp + compress", "mistral"): "non-finite loss or gradient",
-    ("approx_bp + compress", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.60 < 0.6 (whole gradient 0.96)",
-    ("approx_bp + checkpoint", "efficientnet"):
-        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
-    ("approx_bp + checkpoint", "convnext"):
-        "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
-    ("approx_bp + checkpoint", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
-    ("chunked_ce + compress", "mistral"): "non-finite loss or gradient",
-    ("chunked_ce + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
-    ("lora + compress", "mistral"): "non-finite loss or gradient",
-    ("lora + compress", "hf_vit"):
-        "vit.layers.0.attention.q_proj.lora_B.default.weight grad cosine 0.21 < 0.85 (whole gradient 0.60)",
-    ("lora + approx_bp", "convnext"):
-        "features.1.0.block.3.lora_B.default.weight grad cosine 0.55 < 0.6 (whole gradient 0.74)",
-    ("compile + approx_bp", "efficientnet"):
-        "features.2.0.block.2.fc1.bias grad cosine -0.98 < 0.6 (whole gradient 0.29)",
-    ("compile + approx_bp", "convnext"): "features.1.0.block.3.weight grad cosine 0.59 < 0.6 (whole gradient 1.00)",
-    ("compile + approx_bp", "gpt2"): "transformer.h.0.ln_2.weight grad cosine 0.58 < 0.6 (whole gradient 0.96)",
+        "features.2.0.block.0.1.weight grad cosine 0.28 < 0.6 (whole gradient 0.89)",
+    ("approx_bp + checkpoint", "efficientnet"): "features.0.1.weight grad cosine 0.51 < 0.6 (whole gradient 0.91)",
+    ("compile + approx_bp", "efficientnet"): "features.0.1.weight grad cosine 0.51 < 0.6 (whole gradient 0.91)",
 }
 
 
@@ -146,3 +103,26 @@ def test_check_reports_a_crash_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", broken)
     monkeypatch.setattr("lowmem_train.recompute.checkpoint", broken)
     assert check(("checkpoint",), ZOO["cnn"]) == conformance.Outcome("FAIL", "RuntimeError: boom")
+
+
+# compress's input-gradient cosine (issue 16: >= 0.5 at 2 bits, >= 0.9 at 4 bits on every zoo model), measured:
+# 2 bits 0.31 on MobileNetV3 and 0.36 on EfficientNet (squeeze-excitation nets: batch norm and activation
+# backwards at 4 levels), 0.69-0.98 elsewhere; 4 bits >= 0.96 everywhere.
+INPUT_COSINE_SHORTFALLS = {("mobilenet_v3", 2): "input-gradient cosine 0.31 < 0.5",
+                           ("efficientnet", 2): "input-gradient cosine 0.36 < 0.5"}
+
+
+def input_cosine_cases():
+    for bits, bound in ((2, 0.5), (4, 0.9)):
+        for arch in ZOO:
+            marks = [] if arch in CI_ARCHS else [pytest.mark.slow]
+            if (arch, bits) in INPUT_COSINE_SHORTFALLS:
+                marks.append(pytest.mark.xfail(reason=INPUT_COSINE_SHORTFALLS[arch, bits], strict=True))
+            yield pytest.param(arch, bits, bound, id=f"{arch}-{bits}bit", marks=marks)
+
+
+@pytest.mark.parametrize("arch, bits, bound", input_cosine_cases())
+def test_compress_keeps_the_input_gradient_direction(arch, bits, bound):
+    spec = {"compress": {**STRATEGY_SETTINGS["compress"]["options"], "bits": bits}}
+    cosine = conformance.input_gradient_cosine(spec, ZOO[arch])
+    assert cosine >= bound, cosine
