@@ -407,11 +407,9 @@ class CompressStage:
             stats = self._standardizing(value, scope, key)
             if stats is not None:  # rows (channels) of very different scales no longer share one step
                 value_ = value.float().sub(stats[0].float()).div_(stats[1].float()).to(value.dtype)
-                value_ = value_ if perm is None else value_.permute(perm).contiguous().permute(
-                    sorted(range(len(perm)), key=perm.__getitem__))
             else:
                 value_ = value
-            flat = (value_ if perm is None else value_.permute(perm)).reshape(-1)
+            flat = (value_ if perm is None else value_.permute(perm)).reshape(-1)  # in the value's memory order
             at_least_8 = self.in_fused_attention or is_recompute_input(value)
             payload = self._encode(flat, key, (scope.name, index), slot_class, 8 if at_least_8 else 0)
             if stats is not None and payload is not _EXACT:
