@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader
 
 from .data import check_data_config
@@ -85,16 +86,10 @@ class Recipe:
     def subset(self, batch, keep: torch.Tensor):
         """The samples of ``batch`` where the boolean ``keep`` is true (for strategies that select samples).
 
-        Indexes every tensor of a (nested) tuple, list or dict along its first dimension; override it for
+        Indexes every tensor of a (nested) tuple, list or dict (a pytree) along its first dimension; override it for
         batches whose tensors are not laid out sample-first.
         """
-        if isinstance(batch, torch.Tensor):
-            return batch[keep.to(batch.device)]
-        if isinstance(batch, dict):
-            return type(batch)({key: self.subset(value, keep) for key, value in batch.items()})
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(self.subset(value, keep) for value in batch)
-        return batch
+        return tree_map_only(torch.Tensor, lambda tensor: tensor[keep.to(tensor.device)], batch)
 
 
 class ImageClassification(Recipe):

@@ -9,6 +9,7 @@ was finally stored. A meter entered around a forward without any pipeline counts
 
 from __future__ import annotations
 
+import enum
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -17,11 +18,20 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
+
+
+class StagePosition(enum.IntEnum):
+    """Where a stage runs in the pipeline on pack (unpack runs in reverse), declared by the stage."""
+
+    ENCODE = 1  # changes what is kept (compress): sees the tensor
+    MOVE = 2  # moves what is kept elsewhere (offload): sees the encoded payload
 
 
 class SavedTensorStage(Protocol):
     """Transforms what autograd keeps for backward. ``pack`` gets a tensor, or what the stage before
-    it returned; ``unpack`` must undo it exactly enough for the strategy's declared bound."""
+    it returned; ``unpack`` must undo it exactly enough for the strategy's declared bound. ``position``
+    (a ``StagePosition``, ENCODE when absent) orders the stages."""
 
     def pack(self, value: Any) -> Any: ...
 
@@ -48,6 +58,25 @@ def is_recompute_input(tensor: torch.Tensor) -> bool:
     return tensor.untyped_storage().data_ptr() in _RECOMPUTE_INPUTS.get()
 
 
+def memory_perm(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The dims of ``x`` from largest to smallest stride (its memory order); None when contiguous."""
+    if x.is_contiguous():
+        return None
+    return tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
+def is_dense(x: torch.Tensor, perm: tuple[int, ...] | None) -> bool:
+    """Whether ``x`` covers its memory without gaps (some permutation of it is contiguous)."""
+    return perm is None or x.permute(perm).is_contiguous()
+
+
+def memory_key(x: torch.Tensor) -> tuple:
+    """Identifies a saved tensor's data: equal for dense views of the same memory whatever their shape
+    (``x``, ``x.t()``, ``x.view(...)``), so the pipeline packs that memory once."""
+    extent = x.numel() if is_dense(x, memory_perm(x)) else (tuple(x.shape), x.stride())
+    return (x.device, x.data_ptr(), extent, x.dtype, x._version)
+
+
 def model_state_storages(model: nn.Module | None) -> set[int]:
     """Storages of the model's state (parameters and buffers, e.g. batch-norm running statistics): saved
     for backward by some ops, but model state, not activations, so never counted or transformed."""
@@ -56,16 +85,9 @@ def model_state_storages(model: nn.Module | None) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
-def iter_tensors(value: Any):
-    """Tensors inside a packed value: a tensor, or tuples/lists/dicts of them (other leaves ignored)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from iter_tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from iter_tensors(item)
+def iter_tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors inside a packed value: a tensor, or a pytree of them (other leaves ignored)."""
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
 
 
 def storages(tensor: torch.Tensor):
@@ -101,31 +123,38 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
         return super().__exit__(*exc)
 
     def _pack(self, tensor: torch.Tensor):
-        saved: tuple = ((), tensor)
+        saved: tuple = ((), tensor, None)
         if self.stages and tensor.untyped_storage().data_ptr() not in self._state_storages:
-            # A tensor saved by several ops (an activation's output and the next layer's input) is packed
-            # once and the packed value shared, so it is stored once, as it would be without stages.
-            # The weak reference tells a live storage from a freed one whose address was reused since.
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                   tensor.stride(), tensor.dtype, tensor._version)
+            # Memory saved by several ops (an activation's output and the next layer's input, a weight's
+            # transpose) is packed once and the packed value shared, so it is stored once, as without stages;
+            # a view of it gets the packed value and its own shape and strides. The weak reference tells a
+            # live storage from a freed one whose address was reused since.
+            key = memory_key(tensor)
             entry = self._packed.get(key)
             if entry is None or entry[0].expired():
                 stages = tuple(self.stages)
                 packed: Any = tensor
                 for stage in stages:
                     packed = stage.pack(packed)
-                entry = self._packed[key] = (StorageWeakRef(tensor.untyped_storage()), (stages, packed))
-            saved = entry[1]
+                entry = self._packed[key] = (StorageWeakRef(tensor.untyped_storage()), (stages, packed, _geometry(tensor)))
+            stages, packed, geometry = entry[1]
+            saved = (stages, packed, None if geometry == _geometry(tensor) else _geometry(tensor))
         for meter in _ACTIVE_METERS.get():
             meter.add(saved[1])
         return saved
 
     @staticmethod
     def _unpack(saved):
-        stages, packed = saved
+        stages, packed, view = saved
         for stage in reversed(stages):
             packed = stage.unpack(packed)
+        if view is not None:  # another view of the memory packed first (restored with that memory's layout)
+            packed = packed.as_strided(view[0], view[1], packed.storage_offset())
         return packed
+
+
+def _geometry(tensor: torch.Tensor) -> tuple:
+    return (tuple(tensor.shape), tensor.stride())
 
 
 class SavedBytesMeter:
@@ -174,13 +203,37 @@ class SavedBytesMeter:
         self._seen = set()
 
 
+_PIPELINE = "_lowmem_pipeline"
+
+
 def install_pipeline(model: nn.Module) -> list[SavedTensorStage]:
-    """The model's stage list, creating the pipeline (entered around the root forward) on first use."""
-    stages = getattr(model, "_lowmem_saved_tensor_stages", None)
-    if stages is None:
-        stages = []
-        pipeline = SavedTensorsPipeline(stages, model)
-        model.register_forward_pre_hook(lambda module, args: pipeline.__enter__())
-        model.register_forward_hook(lambda module, args, output: pipeline.__exit__(), always_call=True)
-        model._lowmem_saved_tensor_stages = stages
-    return stages
+    """The model's stage list, creating the pipeline (entered around the root forward) on first use.
+
+    The hooks find the pipeline through the module they are called with, so a ``copy.deepcopy`` of the
+    model runs its own copy of the pipeline, never the original's."""
+    pipeline = model.__dict__.get(_PIPELINE)
+    if pipeline is None:
+        pipeline = model.__dict__[_PIPELINE] = SavedTensorsPipeline([], model)
+        model.register_forward_pre_hook(_enter_pipeline)
+        model.register_forward_hook(_exit_pipeline, always_call=True)
+    return pipeline.stages
+
+
+def add_stage(model: nn.Module, stage: SavedTensorStage) -> None:
+    """Add ``stage`` to the model's pipeline at its declared position (``StagePosition``)."""
+    stages = install_pipeline(model)
+    stages.append(stage)
+    stages.sort(key=lambda s: getattr(s, "position", StagePosition.ENCODE))  # stable: equal positions keep order
+
+
+def saved_tensor_stages(model: nn.Module) -> list[SavedTensorStage]:
+    pipeline = model.__dict__.get(_PIPELINE)
+    return pipeline.stages if pipeline is not None else []
+
+
+def _enter_pipeline(module: nn.Module, args) -> None:
+    module.__dict__[_PIPELINE].__enter__()
+
+
+def _exit_pipeline(module: nn.Module, args, output) -> None:
+    module.__dict__[_PIPELINE].__exit__()

@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import StrategyError
+from .forward_wrap import Phase, phase_clash, wrapper_owner
 from .recipe import StepOutput
-from .saved_tensors import SavedTensorStage, install_pipeline
+from .saved_tensors import SavedTensorStage, add_stage
 from .validation import coerce
 
 ENTRY_POINT_GROUP = "lowmem_train.strategies"
@@ -46,6 +47,7 @@ class Touch:
     kind: str
     action: str
     changed: bool = True
+    phase: Phase | None = None  # the forward phase it wraps (lowmem_train.forward_wrap), if it wraps one
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Strategy:
     name: ClassVar[str]
     exact: ClassVar[bool] = True  # gradients equal to plain backprop (up to float rounding)
     changes_architecture: ClassVar[bool] = False  # its state_dict is another model's: resume needs the same choice
-    order: ClassVar[int] = 50  # surgery order: swaps (low) before wrappers such as checkpointing (high)
+    order: ClassVar[int] = 50  # surgery order: module swaps (low) before forward wrappers (high)
     incompatible_with: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""  # one line for the catalogue: what it saves and what it costs
@@ -168,6 +170,9 @@ def build_strategies(spec: str | Iterable[str | Mapping[str, Any]] | Mapping[str
         clash = sorted(names & strategy.incompatible_with)
         if clash:
             raise StrategyError(f"strategy '{strategy.name}' cannot be combined with '{clash[0]}'")
+    builders = [s.name for s in strategies if type(s).configure_optimizer is not Strategy.configure_optimizer]
+    if len(builders) > 1:
+        raise StrategyError(f"strategies '{builders[0]}' and '{builders[1]}' both build the optimizer; choose one")
     if len(strategies) > 1:
         strategies = [s for s in strategies if s.name != "none"]
     return sorted(strategies, key=lambda s: s.order)
@@ -192,7 +197,25 @@ def merge_spec_items(items: Iterable[Any]) -> dict[str, Any]:
 
 def plan_strategies(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
     """What each strategy would touch, without changing the model (the dry run)."""
-    return {s.name: s.plan(model) for s in strategies}
+    plans = {s.name: s.plan(model) for s in strategies}
+    held: dict[tuple[str, Phase], str] = {}
+    for name, plan in plans.items():
+        check_phases(model, name, plan, held)
+    return plans
+
+
+def check_phases(model: nn.Module, strategy: str, plan: list[Touch], held: dict | None = None) -> None:
+    """Refuse a plan that wraps a module's forward at a phase another strategy holds (see forward_wrap).
+
+    ``held`` collects the phases planned so far, for plans not applied yet (the dry run)."""
+    held = {} if held is None else held
+    for touch in plan:
+        if touch.phase is None or not touch.changed:
+            continue
+        holder = held.get((touch.module, touch.phase)) or wrapper_owner(model.get_submodule(touch.module), touch.phase)
+        if holder is not None and holder != strategy:
+            raise StrategyError(phase_clash(touch.module, touch.phase, holder, strategy))
+        held[(touch.module, touch.phase)] = strategy
 
 
 def apply_built(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
@@ -208,10 +231,11 @@ def apply_built(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[
                 )
             continue
         plan = strategy.plan(model)
+        check_phases(model, strategy.name, plan)
         strategy.apply(model, plan)
         stage = strategy.saved_tensor_stage()
         if stage is not None:
-            install_pipeline(model).append(stage)
+            add_stage(model, stage)
         applied[strategy.name] = strategy.options
         touched[strategy.name] = plan
     return touched

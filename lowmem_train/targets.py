@@ -1,14 +1,18 @@
-"""Choosing which modules a strategy touches: include/exclude patterns and architecture-free defaults.
+"""Choosing which modules a strategy touches: one pattern grammar for every strategy, and defaults.
 
-A pattern matches a module when it equals the module's class name (``BasicBlock``, ``LlamaDecoderLayer``)
-or, as a regular expression, fully matches its qualified name (``layer[12]\\..*``, ``model.layers.0``).
+A pattern matches a module, as in PEFT's ``target_modules``, when it is the module's class name
+(``BasicBlock``, ``LlamaDecoderLayer``), its qualified name or a dotted suffix of it (``q_proj``,
+``mlp.down_proj``), or a regular expression that fully matches the qualified name (``layer[12]\\..*``).
+``exclude`` removes whole subtrees. A pattern that matches nothing is an error naming the near names.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -20,7 +24,7 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
-    if pattern == type(module).__name__:
+    if pattern == type(module).__name__ or name == pattern or name.endswith("." + pattern):
         return True
     try:
         return re.fullmatch(pattern, name) is not None
@@ -72,6 +76,28 @@ def _is_block(module: nn.Module) -> bool:
     return has_children and has_params
 
 
+def under(name: str, roots: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``roots`` or inside one ("" is the whole model)."""
+    return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
+
+
+def matched(model: nn.Module, patterns: Iterable[str], *, strategy: str, option: str) -> list[str]:
+    """Names of the modules the patterns match; each pattern must match one, else the error names near ones."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    names: list[str] = []
+    for pattern in patterns:
+        hits = [n for n, m in named if matches(pattern, n, m)]
+        if not hits:
+            candidates = sorted({n for n, _ in named} | {type(m).__name__ for _, m in named})
+            near = difflib.get_close_matches(pattern, candidates, n=4, cutoff=0.5) or candidates[:6]
+            raise StrategyError(
+                f"strategy '{strategy}': {option} pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"near: {', '.join(near)}"
+            )
+        names += [n for n in hits if n not in names]
+    return names
+
+
 def select_modules(
     model: nn.Module,
     *,
@@ -82,19 +108,21 @@ def select_modules(
     what: str = "modules",
     option: str = "targets",
 ) -> Selection:
-    """Modules named by ``targets`` (or ``default(model)`` when targets is None), minus ``exclude``.
+    """Modules named by ``targets`` (or ``default(model)`` when targets is None), minus the ``exclude`` subtrees.
 
-    Raises StrategyError when nothing is left, naming the patterns and the module classes that exist.
+    Raises StrategyError for a pattern that matches no module, and when nothing is left.
     """
     if targets is None:
         chosen = default(model)
         source = f"its default {what}"
     else:
         targets = list(targets)
-        chosen = [(n, m) for n, m in model.named_modules() if n and any(matches(p, n, m) for p in targets)]
+        wanted = set(matched(model, targets, strategy=strategy, option=option))
+        chosen = [(n, m) for n, m in model.named_modules() if n in wanted]
         source = f"{option} {targets}"
     exclude = list(exclude)
-    chosen = [(n, m) for n, m in chosen if not any(matches(p, n, m) for p in exclude)]
+    excluded = matched(model, exclude, strategy=strategy, option="exclude")
+    chosen = [(n, m) for n, m in chosen if not under(n, excluded)]
     if not chosen:
         classes = sorted({type(m).__name__ for n, m in model.named_modules() if n})
         hint = f" minus exclude {exclude}" if exclude else ""
@@ -103,3 +131,23 @@ def select_modules(
             f"set strategy.{strategy}.{option} to class names or name regexes, e.g. one of {classes[:12]}"
         )
     return chosen
+
+
+@dataclass(frozen=True)
+class SubtreeScope:
+    """Membership test for module names: inside a ``roots`` subtree ("" is the whole model) and outside every
+    ``excluded`` one."""
+
+    roots: tuple[str, ...]
+    excluded: tuple[str, ...]
+
+    def __call__(self, name: str) -> bool:
+        return under(name, self.roots) and not under(name, self.excluded)
+
+
+def subtree_scope(model: nn.Module, *, strategy: str, targets: Iterable[str] | None,
+                  exclude: Iterable[str] = ()) -> SubtreeScope:
+    """The ``targets`` subtrees (None: the whole model) minus the ``exclude`` subtrees, for strategies that act
+    on everything inside a module (compress, offload, approx_bp)."""
+    roots = [""] if targets is None else matched(model, targets, strategy=strategy, option="targets")
+    return SubtreeScope(tuple(roots), tuple(matched(model, exclude, strategy=strategy, option="exclude")))

@@ -37,6 +37,7 @@ from .recompute import frozen_norm_statistics
 from .run_control import RunControl, RunStopped
 from .saved_tensors import SavedBytesMeter
 from .strategy import Strategy, apply_built, build_strategies, plan_strategies
+from .undisturbed import undisturbed
 from .validation import coerce
 
 # Files a run writes into its run directory; a run_dir that holds any of them belongs to an earlier run.
@@ -84,6 +85,10 @@ class TrainingModule(L.LightningModule):
             del state[key]
         return state
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        """The training loss of ``batch``, without logging or any other side effect (calibration passes)."""
+        return self.recipe.forward(self.model, batch).mean_loss()
+
     def training_step(self, batch, batch_idx):
         scored, keep = self.score_and_select(batch) if self.sample_selectors else (None, None)
         with frozen_norm_statistics(self.model) if scored is not None else nullcontext(), self.saved_bytes:
@@ -107,8 +112,7 @@ class TrainingModule(L.LightningModule):
         it draws no dropout masks from the model's stream, and asks loss heads for per-sample statistics
         (``StepOutput.sample_stats``) where the model has no logits to give.
         """
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), sample_statistics():
+        with torch.no_grad(), undisturbed(self.model, buffers=False, modes=False), sample_statistics():
             scored = self.recipe.forward(self.model, batch)
         keep = torch.ones_like(scored.per_sample_loss, dtype=torch.bool)
         for strategy in self.sample_selectors:

@@ -88,7 +88,7 @@ def measure(model, loss_fn, items, device, steps):
     return {"saved_bytes": saved, "peak_bytes": peak, "step_s": seconds, "items_per_s": items / seconds}
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["resnet50", "llama", "both"], default="both")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
@@ -107,56 +107,72 @@ def main():
                         help="llama: every configuration (none included) computes its loss with chunked_ce, so the "
                              "log-softmax that compress keeps exact is not in the step")
     parser.add_argument("--json", help="write the results to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def case_settings(args: argparse.Namespace, name: str, gpu: bool) -> argparse.Namespace:
+    """The options with this model's device-dependent defaults filled in."""
+    case = argparse.Namespace(**vars(args))
+    case.batch = args.batch or {("resnet50", True): 256, ("resnet50", False): 8,
+                                ("llama", True): 8, ("llama", False): 2}[name, gpu]
+    case.image_size = args.image_size or (224 if gpu else 64)
+    case.seq_len = args.seq_len or (1024 if gpu else 128)
+    case.hidden = args.hidden or (1024 if gpu else 256)
+    case.layers = args.layers or (8 if gpu else 2)
+    case.steps = args.steps or (10 if gpu else 2)
+    return case
+
+
+def run_case(name: str, args: argparse.Namespace, device: torch.device):
+    """One row per configuration of model ``name``: none, then compress at each of ``args.bits``."""
+    torch.manual_seed(0)
+    base, loss_fn, items = {"resnet50": resnet50_case, "llama": llama_case}[name](args, device)
+    base = base.to(device)
+    if args.chunked_ce and name == "llama":
+        apply_strategies(base, "chunked_ce")
+    if args.channels_last and name == "resnet50":
+        base = base.to(memory_format=torch.channels_last)
+    exact = gradients(base, loss_fn)
+    configs = [("none", None)] + [(f"compress bits={b}", {"bits": b}) for b in args.bits]
+    if args.adaptive:
+        configs += [(f"compress adaptive bits={b}", {"bits": b, "adaptive": True}) for b in args.bits]
+    baseline = None
+    for label, options in configs:
+        model = copy.deepcopy(base)
+        if options is not None:
+            apply_strategies(model, {"compress": options})
+            if options.get("adaptive"):
+                calibrate(model, lambda: loss_fn(model))
+        grads = gradients(model, loss_fn)  # before the timed steps change the weights
+        cos = [float(nn.functional.cosine_similarity(grads[n], exact[n], dim=0)) for n in exact]
+        row = {"model": name, "config": label, "batch": args.batch, "device": str(device),
+               "grad_cos_min": min(cos), "grad_cos_mean": sum(cos) / len(cos)}
+        if args.bias_samples and options is not None:
+            row["mean_of_k_error_reduction"] = bias_check(model, loss_fn, exact, args.bias_samples)
+        row.update(measure(model, loss_fn, items, device, args.steps))
+        baseline = baseline or row
+        row["saved_ratio"] = baseline["saved_bytes"] / row["saved_bytes"]
+        row["throughput_vs_none"] = row["items_per_s"] / baseline["items_per_s"]
+        yield row
+
+
+def print_row(row: dict, bias_samples: int) -> None:
+    peak = f"{row['peak_bytes'] / 2**30:8.2f} GiB" if row["peak_bytes"] is not None else "     n/a    "
+    bias = f"  mean of {bias_samples}: {row['mean_of_k_error_reduction']:.1f}x closer" \
+        if "mean_of_k_error_reduction" in row else ""
+    print(f"{row['model']:9} {row['config']:27} saved {row['saved_bytes'] / 2**20:9.1f} MiB ({row['saved_ratio']:5.1f}x)"
+          f"  peak {peak}  {row['items_per_s']:9.1f} items/s ({row['throughput_vs_none']:5.1%})"
+          f"  grad cos min {row['grad_cos_min']:.4f} mean {row['grad_cos_mean']:.4f}{bias}", flush=True)
+
+
+def main():
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    cases = {"resnet50": resnet50_case, "llama": llama_case}
     results = []
     for name in (["resnet50", "llama"] if args.model == "both" else [args.model]):
-        case_args = argparse.Namespace(**vars(args))
-        case_args.batch = args.batch or {("resnet50", True): 256, ("resnet50", False): 8,
-                                         ("llama", True): 8, ("llama", False): 2}[name, gpu]
-        case_args.image_size = args.image_size or (224 if gpu else 64)
-        case_args.seq_len = args.seq_len or (1024 if gpu else 128)
-        case_args.hidden = args.hidden or (1024 if gpu else 256)
-        case_args.layers = args.layers or (8 if gpu else 2)
-        steps = args.steps or (10 if gpu else 2)
-        torch.manual_seed(0)
-        base, loss_fn, items = cases[name](case_args, device)
-        base = base.to(device)
-        if args.chunked_ce and name == "llama":
-            apply_strategies(base, "chunked_ce")
-        if args.channels_last and name == "resnet50":
-            base = base.to(memory_format=torch.channels_last)
-        exact = gradients(base, loss_fn)
-        configs = [("none", None)] + [(f"compress bits={b}", {"bits": b}) for b in args.bits]
-        if args.adaptive:
-            configs += [(f"compress adaptive bits={b}", {"bits": b, "adaptive": True}) for b in args.bits]
-        baseline = None
-        for label, options in configs:
-            model = copy.deepcopy(base)
-            if options is not None:
-                apply_strategies(model, {"compress": options})
-                if options.get("adaptive"):
-                    calibrate(model, lambda: loss_fn(model))
-            grads = gradients(model, loss_fn)  # before the timed steps change the weights
-            cos = [float(nn.functional.cosine_similarity(grads[n], exact[n], dim=0)) for n in exact]
-            row = {"model": name, "config": label, "batch": case_args.batch, "device": str(device),
-                   "grad_cos_min": min(cos), "grad_cos_mean": sum(cos) / len(cos)}
-            if args.bias_samples and options is not None:
-                row["mean_of_k_error_reduction"] = bias_check(model, loss_fn, exact, args.bias_samples)
-            row.update(measure(model, loss_fn, items, device, steps))
-            baseline = baseline or row
-            row["saved_ratio"] = baseline["saved_bytes"] / row["saved_bytes"]
-            row["throughput_vs_none"] = row["items_per_s"] / baseline["items_per_s"]
+        for row in run_case(name, case_settings(args, name, device.type == "cuda"), device):
             results.append(row)
-            peak = f"{row['peak_bytes'] / 2**30:8.2f} GiB" if row["peak_bytes"] is not None else "     n/a    "
-            bias = f"  mean of {args.bias_samples}: {row['mean_of_k_error_reduction']:.1f}x closer" \
-                if "mean_of_k_error_reduction" in row else ""
-            print(f"{name:9} {label:27} saved {row['saved_bytes'] / 2**20:9.1f} MiB ({row['saved_ratio']:5.1f}x)"
-                  f"  peak {peak}  {row['items_per_s']:9.1f} items/s ({row['throughput_vs_none']:5.1%})"
-                  f"  grad cos min {row['grad_cos_min']:.4f} mean {row['grad_cos_mean']:.4f}{bias}", flush=True)
-            del model
+            print_row(row, args.bias_samples)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

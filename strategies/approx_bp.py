@@ -33,10 +33,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train import Strategy, StrategyError, Touch
 from lowmem_train.bitpack import pack_bits, unpack_bits
 from lowmem_train.saved_tensors import iter_tensors
-from lowmem_train.targets import matches
+from lowmem_train.targets import matched, subtree_scope, under
+from lowmem_train.undisturbed import example_inputs, undisturbed
 
 # ---------------------------------------------------------------------------------------------------------
 # 2-bit step derivatives (ReGELU2, ReSiLU2)
@@ -469,47 +470,6 @@ class _OutputTracer(TorchDispatchMode):
             self.other_use.setdefault(norm, f"its output is read by aten.{op} in {where}, not by a linear")
 
 
-def example_inputs(model: nn.Module) -> tuple[tuple, dict] | None:
-    """A small (args, kwargs) input for one tracing forward, from the model's own description, or None.
-
-    Hugging Face models: ``input_ids`` (8 tokens) or ``pixel_values`` at the config's image size. Other
-    models: built for the first layer with parameters (Conv2d: a 64x64 image, or ``model.image_size``;
-    Linear or a norm: two feature vectors; Embedding: 8 token ids).
-    """
-    parameters = list(model.parameters())
-    if not parameters:
-        return None
-    device = parameters[0].device
-    dtype = next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    main_input = getattr(model, "main_input_name", None)
-    config = getattr(model, "config", None)
-    if main_input == "input_ids" and hasattr(model, "get_input_embeddings"):
-        vocab = model.get_input_embeddings().num_embeddings
-        return (), {"input_ids": torch.randint(0, vocab, (1, 8), generator=generator).to(device)}
-    if main_input == "pixel_values" and hasattr(config, "image_size"):
-        size = config.image_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        image = torch.randn(1, getattr(config, "num_channels", 3), *size, generator=generator)
-        return (), {"pixel_values": image.to(device=device, dtype=dtype)}
-    if main_input is not None:
-        return None
-    first = next((m for m in model.modules() if next(m.children(), None) is None
-                  and next(m.parameters(recurse=False), None) is not None), None)
-    if isinstance(first, nn.Conv2d):
-        size = getattr(model, "image_size", 64)
-        x = torch.randn(1, first.in_channels, size, size, generator=generator)
-    elif isinstance(first, nn.Linear):
-        x = torch.randn(2, first.in_features, generator=generator)
-    elif hasattr(first, "normalized_shape"):
-        x = torch.randn(2, *first.normalized_shape, generator=generator)
-    elif isinstance(first, nn.Embedding):
-        return (torch.randint(0, first.num_embeddings, (1, 8), generator=generator).to(device),), {}
-    else:
-        return None
-    return (x.to(device=device, dtype=dtype),), {}
-
-
 def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[str, list[str] | str]:
     """For each norm: the linear layers that alone read its output, or why its output cannot be shared.
 
@@ -521,12 +481,9 @@ def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[st
         return dict.fromkeys(norms, f"there is no example input for {type(model).__name__} to trace where its "
                                     "output goes")
     tracer = _OutputTracer(model, norms)
-    modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    devices = [torch.cuda.current_device()] if any(p.is_cuda for p in model.parameters()) else []
     handles = tracer.hooks()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with undisturbed(model), torch.no_grad():
             model.train()
             with tracer:
                 output = model(*inputs[0], **inputs[1])
@@ -536,11 +493,6 @@ def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[st
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
     returned = {tracer.owner.get(_storage(t)) for t in iter_tensors(output)}
     result: dict[str, list[str] | str] = {}
     for name in norms:
@@ -662,29 +614,10 @@ class ApproxBP(Strategy):
         return touches, conversions
 
     def _scope(self, model: nn.Module):
-        """Membership test for the target subtrees minus the excluded ones; every pattern must match."""
-        named = [(n, m) for n, m in model.named_modules() if n]
-        roots = [""]
-        if self.options.targets is not None:
-            for pattern in self.options.targets:  # one at a time, so a typo is named
-                select_modules(model, strategy=self.name, targets=[pattern], default=lambda m: [],
-                               what="modules")
-            roots = [n for n, m in named if any(matches(p, n, m) for p in self.options.targets)]
-        excluded = []
-        for pattern in self.options.exclude:
-            hits = [n for n, m in named if matches(pattern, n, m)]
-            if not hits:
-                raise StrategyError(f"strategy '{self.name}': exclude pattern {pattern!r} matches no module of "
-                                    f"{type(model).__name__}; use a class name or a regex on module names")
-            excluded += hits
-
-        def is_excluded(name: str) -> bool:
-            return _under(name, excluded)
-
-        def in_scope(name: str) -> bool:
-            return _under(name, roots) and not is_excluded(name)
-
-        return in_scope, is_excluded
+        """Membership tests: in the target subtrees minus the excluded ones; in an excluded subtree."""
+        in_scope = subtree_scope(model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude)
+        excluded = matched(model, self.options.exclude, strategy=self.name, option="exclude")
+        return in_scope, functools.partial(under, roots=excluded)
 
     def _norm_outcomes(self, model, norms, excluded):
         identified = {name: identify_norm(module) for name, module in norms}
@@ -714,10 +647,6 @@ class ApproxBP(Strategy):
             if type(consumer) is not nn.Linear:
                 return f"its reader '{consumer_name}' is a {type(consumer).__name__}, not a plain nn.Linear"
         return _ShareNorm(*identity, tuple(consumers))
-
-
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _inside_converted(model: nn.Module, name: str) -> bool:

@@ -3,11 +3,13 @@
 Uses ``torch.utils.checkpoint`` with ``use_reentrant=False`` (kwargs, frozen inputs and nested graphs
 work) and its RNG replay, so dropout masks in the recomputation equal the forward's. Batch-norm running
 statistics are frozen during the recomputation, so buffers also match plain backprop.
+
+In a plain loop, ``apply_checkpoint(module)`` checkpoints one module (idempotent), so a model can mix it
+with ``selective_checkpoint`` or ``compress`` on other modules.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, Touch, outermost, repeated_blocks, select_modules
+from lowmem_train.forward_wrap import Phase, wrap_forward
 from lowmem_train.recompute import checkpointed_call, without_kv_cache
 
 
@@ -36,25 +39,22 @@ class Checkpoint(Strategy):
             default=repeated_blocks, what="repeated blocks",
         )
         # A module inside another target is recomputed with it already: checkpointing it again only nests.
-        return [Touch(name, type(module).__name__, "checkpoint: keep inputs, recompute in backward")
+        return [Touch(name, type(module).__name__, "checkpoint: keep inputs, recompute in backward", phase=Phase.REBUILD)
                 for name, module in outermost(blocks)]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         for touch in plan:
-            checkpoint_module(model.get_submodule(touch.module))
+            apply_checkpoint(model.get_submodule(touch.module), name=touch.module)
 
 
-def checkpoint_module(module: nn.Module) -> None:
+def apply_checkpoint(module: nn.Module, *, name: str = "") -> nn.Module:
     """Make ``module`` checkpoint its forward (idempotent; parameters and state_dict keys unchanged)."""
-    if "_lowmem_inner_forward" in module.__dict__:
-        return
-    module._lowmem_inner_forward = module.forward
-    # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
-    module.forward = types.MethodType(_checkpointed_forward, module)
+    wrap_forward(module, "checkpoint", Phase.REBUILD, _checkpointed_forward, name=name)
+    return module
 
 
-def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+def _checkpointed_forward(module: nn.Module, inner, *args, **kwargs):
     if not torch.is_grad_enabled():
-        return self._lowmem_inner_forward(*args, **kwargs)
+        return inner(*args, **kwargs)
     args, kwargs = without_kv_cache(args, kwargs)
-    return checkpointed_call(self, self._lowmem_inner_forward, *args, **kwargs)
+    return checkpointed_call(module, inner, *args, **kwargs)

@@ -32,8 +32,11 @@ import functools
 import math
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,9 +45,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks
+from lowmem_train.forward_wrap import Phase, wrap_forward
+from lowmem_train.knapsack import choose_one_each, in_units
+from lowmem_train.module_scope import ModuleScope, module_scope
 from lowmem_train.bitpack import pack_bits, pack_mask, unpack_bits, unpack_mask
-from lowmem_train.saved_tensors import _ACTIVE_METERS, is_recompute_input
-from lowmem_train.targets import matches
+from lowmem_train.saved_tensors import (
+    _ACTIVE_METERS,
+    is_dense,
+    is_recompute_input,
+    memory_key,
+    memory_perm,
+    saved_tensor_stages,
+)
+from lowmem_train.targets import subtree_scope
+from lowmem_train.undisturbed import cuda_devices, undisturbed
 
 BITS = (2, 4, 8)
 ADAPTIVE_BITS = (1, 2, 4, 8)  # every width divides 8, so codes pack into whole bytes
@@ -57,7 +71,8 @@ class CompressOptions:
     bits: int = 2  # 2, 4 or 8; in adaptive mode the average over all quantised values
     group_size: int = 256  # values per min/step group: a power of two in [16, 4096]
     layers: list[str] = field(default_factory=lambda: list(KINDS))  # kinds of layer whose saves shrink
-    exclude: list[str] = field(default_factory=list)  # module classes / name regexes kept exact (subtree)
+    targets: Optional[list[str]] = None  # subtrees whose saves shrink (class names / names / regexes); None: all
+    exclude: list[str] = field(default_factory=list)  # subtrees kept exact (same patterns)
     min_numel: int = 1024  # smaller saved tensors are kept as they are
     adaptive: bool = False  # per-tensor bits (1/2/4/8) by measured sensitivity, averaging `bits`
     adapt_every: int = 1000  # steps between two calibrations (adaptive mode; training forwards in a plain loop)
@@ -190,18 +205,6 @@ def _triton():
 # ---------------------------------------------------------------- memory layout
 
 
-def memory_perm(x: Tensor) -> tuple[int, ...] | None:
-    """The dims of ``x`` from largest to smallest stride (its memory order); None when contiguous.
-
-    Dense tensors (contiguous, channels-last, transposed) permuted this way flatten without a copy, so
-    the flat data is the tensor's own memory; tensors with gaps are copied. ``restore`` undoes it with
-    the same strides.
-    """
-    if x.is_contiguous():
-        return None
-    return tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
-
-
 def memory_order(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
     """``x`` flattened in memory order, and the permutation that ``restore`` needs."""
     perm = memory_perm(x)
@@ -213,17 +216,6 @@ def restore(flat: Tensor, shape: torch.Size, perm: tuple[int, ...] | None) -> Te
         return flat.view(shape)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return flat.view([shape[d] for d in perm]).permute(inverse)
-
-
-def is_dense(x: Tensor, perm: tuple[int, ...] | None) -> bool:
-    """Whether ``x`` covers its memory without gaps (some permutation of it is contiguous)."""
-    return perm is None or x.permute(perm).is_contiguous()
-
-
-def _key(x: Tensor, perm: tuple[int, ...] | None):
-    """Identifies a saved tensor's data: equal for dense views of the same memory whatever their shape."""
-    extent = x.numel() if is_dense(x, perm) else (tuple(x.shape), x.stride())
-    return (x.device, x.data_ptr(), extent, x.dtype, x._version)
 
 
 # ---------------------------------------------------------------- module kinds
@@ -264,35 +256,32 @@ def module_kind(module: nn.Module) -> str:
     return "other"
 
 
-def module_scopes(model: nn.Module, layers: list[str], exclude: list[str]) -> dict[str, Scope]:
-    """The scope of every module; an excluded module's whole subtree stays exact.
+def module_scopes(model: nn.Module, layers: list[str], in_scope: Callable[[str], bool]) -> dict[str, Scope]:
+    """The scope of every module; only modules ``in_scope`` (targets minus exclude subtrees) compress.
 
     The family of a module inside a repeated block names the block by its parent plus ``*``
     (``model.layers.*.mlp.down_proj``), so the adaptive mode calibrates one class per position in the
     block rather than per layer.
     """
     blocks = {name: name.rpartition(".")[0] + (".*" if "." in name else "*") for name, _ in repeated_blocks(model)}
-    excluded: list[str] = []
     scopes = {}
     for name, module in model.named_modules():
         kind = module_kind(module)
         if not name and kind == "other":  # the root's own code: loss, glue
             kind = "top"
-        if name and (any(name.startswith(e + ".") for e in excluded) or any(matches(p, name, module) for p in exclude)):
-            excluded.append(name)
         family = name
         for block, wildcard in blocks.items():
             if name == block or name.startswith(block + "."):
                 family = wildcard + name[len(block):]
                 break
         per_channel = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
-        scopes[name] = Scope(name, f"{family}:{type(module).__name__}", kind, kind in layers and name not in excluded,
+        scopes[name] = Scope(name, f"{family}:{type(module).__name__}", kind, kind in layers and in_scope(name),
                              per_channel)
     return scopes
 
 
 _TOP = Scope("", "", "top", True)
-_EXACT = "exact"  # cache entry of a tensor kept as it is
+_EXACT = "exact"  # the encoding of a tensor kept as it is
 _LOG_DOMAIN_OPS = {"LogSoftmaxBackward0"}
 _QUANTIZABLE = 2.0**126  # larger magnitudes (and inf/NaN) are kept as they are: a group's range must stay finite
 
@@ -311,22 +300,20 @@ class _Probe:
 class CompressStage:
     """Pack: encode a saved float tensor (quantised / bitmap / positions). Unpack: decode it.
 
-    Per forward it remembers what it encoded (key: storage address, extent, dtype and version, checked
-    against a weak reference to the storage), so a tensor saved by several ops is stored once, and which
-    tensors are zero outside a ReLU/dropout mask, so their encoding reuses that mask.
+    Per forward it remembers which tensors are zero outside a ReLU/dropout mask (by ``memory_key``), so their
+    encoding reuses that mask; the pipeline packs memory saved by several ops once.
 
     A *slot* is the i-th tensor a module saves in a forward; a slot *class* is a slot with the indices
-    of repeated blocks wildcarded (``model.layers.*.mlp.down_proj`` #0). The adaptive mode gives each
-    class its own bits (``class_bits``), set by ``calibrate``.
+    of repeated blocks wildcarded (``model.layers.*.mlp.down_proj`` #0). The adaptive mode (``adaptive``)
+    gives each class its own bits; ``codec`` does the encodings.
     """
 
     def __init__(self, options: CompressOptions):
         self.options = options
-        self.bits = options.bits
-        self.group_size = options.group_size
-        self.class_bits: dict[tuple[str, int], int] = {}
-        self._scopes: list[Scope] = []
-        self._encoded: dict = {}
+        self.codec = GroupCodec(options)
+        self.adaptive = AdaptiveBits(options)
+        self._modules: ModuleScope | None = None
+        self._scope_of: dict[str, Scope] = {}
         self._zero_outside: dict = {}
         self._buffers: set[int] = set()
         self._inputs: set[int] = set()  # storages of the model's inputs (an image batch is compressed)
@@ -334,12 +321,7 @@ class CompressStage:
         self._attention_mode: _FusedAttentionCalls | None = None
         self.in_fused_attention = 0  # depth of F.scaled_dot_product_attention calls running
         self._slot_counts: Counter = Counter()
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._probe: _Probe | None = None
         self._in_forward = False  # not during a checkpoint's recomputation in backward
-        self.loop_calibration = options.adaptive  # off under the Lightning trainer: its callback calibrates
-        self._training_forwards = 0
-        self._tapped = None  # (args, kwargs, output gradients) of a step to calibrate on
 
     # --- forward bracketing, called from module hooks
 
@@ -360,22 +342,19 @@ class CompressStage:
             self._attention_mode = None
 
     def _clear(self) -> None:
-        self._encoded.clear()
         self._zero_outside.clear()
         self._slot_counts.clear()
         self._inputs = set()
         self._derivatives = set()
 
-    def enter(self, scope: Scope, module: nn.Module, args) -> None:
-        self._scopes.append(scope)
-
-    def exit(self, scope: Scope, module: nn.Module, args, output) -> None:
-        self._scopes.pop()
+    def track(self, modules: ModuleScope, scopes: dict[str, Scope]) -> None:
+        """Read which module is saving from ``modules``; ``scopes`` says how each module's saves are kept."""
+        self._modules, self._scope_of = modules, scopes
 
     def note_zero_outside(self, tensor: Tensor, packed_mask: Tensor) -> None:
         """``tensor`` is zero wherever the (memory-order) mask is 0: its encoding may reuse the mask."""
         if self._in_forward:
-            key = _key(tensor, memory_perm(tensor))
+            key = memory_key(tensor)
             self._zero_outside[key] = (StorageWeakRef(tensor.untyped_storage()), packed_mask)
 
     def note_derivative(self, tensor: Tensor) -> None:
@@ -392,128 +371,131 @@ class CompressStage:
             return value
         if any(stride == 0 and size > 1 for stride, size in zip(value.stride(), value.shape)):
             return value  # broadcast: a quantised copy would be bigger than the tensor's storage
-        scope = self._scopes[-1] if self._scopes else _TOP
-        perm = memory_perm(value)
-        key = _key(value, perm)
-        payload = self._lookup(self._encoded, key)
+        scope = self._scope_of.get(self._modules.current(), _TOP) if self._modules is not None else _TOP
         index = self._slot_counts[scope.name]
         self._slot_counts[scope.name] += 1
-        slot_class = (scope.family, index)
-        if not scope.compress or self._backward_constant(value):  # kept as it is, and so are later saves
-            if payload is None:
-                self._encoded[key] = (StorageWeakRef(value.untyped_storage()), _EXACT)
+        if not scope.compress or backward_constant(value, self._inputs | self._derivatives):
             return value
-        if payload is None:
-            stats = self._standardizing(value, scope, key)
-            if stats is not None:  # rows (channels) of very different scales no longer share one step
-                value_ = value.float().sub(stats[0].float()).div_(stats[1].float()).to(value.dtype)
-            else:
-                value_ = value
-            flat = (value_ if perm is None else value_.permute(perm)).reshape(-1)  # in the value's memory order
-            at_least_8 = self.in_fused_attention or is_recompute_input(value)
-            payload = self._encode(flat, key, (scope.name, index), slot_class, 8 if at_least_8 else 0)
-            if stats is not None and payload is not _EXACT:
-                payload = ("standardized", *stats, payload)
-            self._encoded[key] = (StorageWeakRef(value.untyped_storage()), payload)
-        return value if payload is _EXACT else (value.shape, perm, value.dtype, payload)
+        perm, key = memory_perm(value), memory_key(value)
+        masked = _lookup(self._zero_outside, key) is not None
+        stats = row_statistics(value, scope.per_channel) if scope.kind == "norm" and not masked else None
+        value_ = value if stats is None else value.float().sub(stats[0].float()).div_(stats[1].float()).to(value.dtype)
+        flat = (value_ if perm is None else value_.permute(perm)).reshape(-1)  # in the value's memory order
+        at_least_8 = self.in_fused_attention or is_recompute_input(value)
+        payload = self._encode(flat, key, (scope.name, index), (scope.family, index), 8 if at_least_8 else 0)
+        if payload is _EXACT:
+            return value
+        if stats is not None:
+            payload = ("standardized", *stats, payload)
+        return (value.shape, perm, value.dtype, payload)
 
     def unpack(self, value):
         if isinstance(value, Tensor):
             return value
         shape, perm, dtype, payload = value
         if payload[0] != "standardized":
-            return restore(self._decode(payload, dtype), shape, perm)
+            return restore(self.codec.decode(payload, dtype), shape, perm)
         _, mean, std, payload = payload
-        return restore(self._decode(payload, dtype), shape, perm).float().mul_(std.float()).add_(mean.float()).to(dtype)
-
-    def _standardizing(self, value: Tensor, scope: Scope, key):
-        """(mean, std) per row (per channel for batch/group norms) of a norm's input, or None.
-
-        A norm's backward reads its input only relative to each row's (channel's) own mean and spread, and
-        rows of very different scales share a quantisation group: a class token or a low-variance channel
-        next to large ones (ViT, BatchNorm), or a pretrained LLM's massive-activation token next to normal
-        ones. Quantising the standardised rows and keeping their bf16 statistics gives each row its own step.
-        """
-        if scope.kind != "norm" or value.dim() < 2 or self._lookup(self._zero_outside, key) is not None:
-            return None
-        dims = [d for d in range(value.dim()) if d != 1] if scope.per_channel else [-1]
-        std, mean = torch.std_mean(value.float(), dim=dims, keepdim=True, correction=0)
-        if not bool(torch.isfinite(std).all() and torch.isfinite(mean).all()):
-            return None  # kept exact by _encode
-        return mean.to(torch.bfloat16), std.clamp_min_(1e-30).to(torch.bfloat16)  # 4 bytes a row, like a group's
-
-    def _backward_constant(self, value: Tensor) -> bool:
-        """Whether ``value`` must stay exact whatever its scope: log-domain values and tensors that carry
-        no gradient.
-
-        A log-softmax output (the loss path) or an attention kernel's log-sum-exp is exponentiated in
-        backward, so a rounding error of ``d`` becomes a factor ``exp(d)``: at 2 to 8 bits the gradient
-        loses its direction (or overflows). Tensors that need no gradient and are not the model's input
-        are the backward's constants (rotary cos/sin tables, attention masks, softmax statistics): one
-        rounding of them is shared by every sample and head instead of averaging out, and they are small.
-        """
-        if value.grad_fn is not None and value.grad_fn.name() in _LOG_DOMAIN_OPS:
-            return True
-        storage = value.untyped_storage().data_ptr()
-        return not value.requires_grad and storage not in self._inputs and storage not in self._derivatives
-
-    # --- encodings
+        standardized = restore(self.codec.decode(payload, dtype), shape, perm)
+        return standardized.float().mul_(std.float()).add_(mean.float()).to(dtype)
 
     def _encode(self, flat: Tensor, key, slot, slot_class, min_bits: int):
         if not bool(flat.abs().amax() < _QUANTIZABLE):  # inf / NaN (e.g. an additive attention mask), or a
             return _EXACT                              # range whose width overflows: kept as it is
-        if self._probe is None:  # adaptive and not yet calibrated (a plain loop's first step): 8 bits
-            uncalibrated = self.options.adaptive and not self.class_bits
-            bits = ADAPTIVE_BITS[-1] if uncalibrated else self.class_bits.get(slot_class, self.bits)
-        else:
-            bits = self._probe.probe_bits if self._probe.probed == slot_class else ADAPTIVE_BITS[-1]
-        bits = max(bits, min_bits)
+        bits = max(self.adaptive.bits_for(slot_class), min_bits)
+        return self.codec.encode(flat, bits, _lookup(self._zero_outside, key), slot, slot_class, self.adaptive.probe)
+
+
+def backward_constant(value: Tensor, quantized_anyway: set[int]) -> bool:
+    """Whether ``value`` must stay exact whatever its scope: log-domain values and tensors that carry
+    no gradient.
+
+    A log-softmax output (the loss path) or an attention kernel's log-sum-exp is exponentiated in
+    backward, so a rounding error of ``d`` becomes a factor ``exp(d)``: at 2 to 8 bits the gradient
+    loses its direction (or overflows). Tensors that need no gradient and are not the model's input
+    are the backward's constants (rotary cos/sin tables, attention masks, softmax statistics): one
+    rounding of them is shared by every sample and head instead of averaging out, and they are small.
+    ``quantized_anyway``: storages of the model's inputs and of saved activation derivatives.
+    """
+    if value.grad_fn is not None and value.grad_fn.name() in _LOG_DOMAIN_OPS:
+        return True
+    storage = value.untyped_storage().data_ptr()
+    return not value.requires_grad and storage not in quantized_anyway
+
+
+def row_statistics(value: Tensor, per_channel: bool):
+    """bf16 (mean, std) per row (per channel for batch/group norms) of a norm's input, or None.
+
+    A norm's backward reads its input only relative to each row's (channel's) own mean and spread, and
+    rows of very different scales share a quantisation group: a class token or a low-variance channel
+    next to large ones (ViT, BatchNorm), or a pretrained LLM's massive-activation token next to normal
+    ones. Quantising the standardised rows and keeping their bf16 statistics gives each row its own step.
+    """
+    if value.dim() < 2:
+        return None
+    dims = [d for d in range(value.dim()) if d != 1] if per_channel else [-1]
+    std, mean = torch.std_mean(value.float(), dim=dims, keepdim=True, correction=0)
+    if not bool(torch.isfinite(std).all() and torch.isfinite(mean).all()):
+        return None  # kept exact by the encoding
+    return mean.to(torch.bfloat16), std.clamp_min_(1e-30).to(torch.bfloat16)  # 4 bytes a row, like a group's
+
+
+class GroupCodec:
+    """Group-wise stochastic rounding of a flat tensor, stored dense, as a bitmap of its nonzeros or as their
+    positions, whichever is smallest; rounding draws from the strategy's own generators."""
+
+    def __init__(self, options: CompressOptions):
+        self.options = options
+        self.group_size = options.group_size
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def encode(self, flat: Tensor, bits: int, mask, slot, slot_class, probe: _Probe | None):
+        """``flat`` at ``bits``; ``mask``: the packed mask it is zero outside of (a ReLU's), if any."""
         n = flat.numel()
-        mask = self._lookup(self._zero_outside, key)
         if mask is not None:
             values = flat[unpack_mask(mask, n)]
-            return ("bitmap", n, mask, self._quantize(values, bits, slot, slot_class))
+            return ("bitmap", n, mask, self._quantize(values, bits, slot, slot_class, probe))
         nonzero = int(torch.count_nonzero(flat))
-        dense, sparse_values = self._bytes(n, bits, flat.element_size()), self._bytes(nonzero, bits, flat.element_size())
+        dense, sparse_values = self.nbytes(n, bits, flat.element_size()), self.nbytes(nonzero, bits, flat.element_size())
         bitmap = -(-n // 8) + sparse_values
         index = (4 if n < 2**31 else 8) * nonzero + sparse_values
         if min(bitmap, index) >= dense:
-            return ("dense", self._quantize(flat, bits, slot, slot_class))
+            return ("dense", self._quantize(flat, bits, slot, slot_class, probe))
         if bitmap <= index:
             nonzero_mask = flat != 0
-            return ("bitmap", n, pack_mask(nonzero_mask), self._quantize(flat[nonzero_mask], bits, slot, slot_class))
+            return ("bitmap", n, pack_mask(nonzero_mask), self._quantize(flat[nonzero_mask], bits, slot, slot_class, probe))
         positions = torch.nonzero(flat).view(-1)
         positions = positions.to(torch.int32) if n < 2**31 else positions
-        return ("index", n, positions, self._quantize(flat[positions], bits, slot, slot_class))
+        return ("index", n, positions, self._quantize(flat[positions], bits, slot, slot_class, probe))
 
-    def _bytes(self, n: int, bits: int, value_bytes: int) -> int:
+    def nbytes(self, n: int, bits: int, value_bytes: int) -> int:
         """Bytes of ``n`` values quantised at ``bits``, with their exact outliers (``value_bytes`` each)."""
         groups = -(-n // self.group_size)
         outliers = self.options.outliers if bits < 8 else 0
         index_bytes = 1 if self.group_size <= 256 else 2
         return groups * (self.group_size * bits // 8 + META_BYTES + outliers * (index_bytes + value_bytes))
 
-    def _quantize(self, flat: Tensor, bits: int, slot, slot_class):
+    def _quantize(self, flat: Tensor, bits: int, slot, slot_class, probe: _Probe | None):
         n = flat.numel()
         if n == 0:
             return (bits, 0, flat.new_empty(0, dtype=torch.uint8), flat.new_empty((0, 2), dtype=torch.bfloat16), None)
         outliers = None
         if self.options.outliers and bits < 8:
             flat, *outliers = split_outliers(flat, self.options.outliers, self.group_size)
-        if self._probe is not None and self._probe.probed is None:  # the reference pass
-            self._probe.values[slot_class] += n
-            noise = self._probe.noise.setdefault(slot_class, Counter())
+        if probe is not None and probe.probed is None:  # the reference pass
+            probe.values[slot_class] += n
+            noise = probe.noise.setdefault(slot_class, Counter())
             for b in ADAPTIVE_BITS:
                 noise[b] += rounding_variance(flat, b, self.group_size)
         kernels = _triton() if flat.is_cuda and n < 2**31 else None
         if kernels is not None:
-            seed = int(torch.randint(2**31 - 1, (), generator=self._generator(torch.device("cpu"), slot)))
+            seed = int(torch.randint(2**31 - 1, (), generator=self._generator(torch.device("cpu"), slot, probe)))
             packed, meta = kernels.quantize(flat, bits, self.group_size, seed)
         else:
-            packed, meta = quantize(flat, bits, self.group_size, self._generator(flat.device, slot))
+            packed, meta = quantize(flat, bits, self.group_size, self._generator(flat.device, slot, probe))
         return (bits, n, packed, meta, outliers)
 
-    def _decode(self, payload, dtype: torch.dtype) -> Tensor:
+    def decode(self, payload, dtype: torch.dtype) -> Tensor:
         if payload[0] == "dense":
             return self._dequantize(payload[1], dtype)
         _, n, where, quantized = payload
@@ -532,12 +514,10 @@ class CompressStage:
             flat = dequantize(packed, meta, bits, self.group_size, n, dtype)
         return flat if outliers is None else merge_outliers(flat, *outliers, self.group_size)
 
-    # --- helpers
-
-    def _generator(self, device: torch.device, slot) -> torch.Generator:
+    def _generator(self, device: torch.device, slot, probe: _Probe | None) -> torch.Generator:
         """The strategy's own random stream. In calibration each slot draws from its own seed, so a pass
         that probes one class rounds every other tensor exactly as the reference pass did."""
-        if self._probe is not None:
+        if probe is not None:
             return torch.Generator(device).manual_seed(zlib.crc32(repr(slot).encode()) + self.options.seed)
         generator = self._generators.get(device)
         if generator is None:
@@ -545,14 +525,25 @@ class CompressStage:
             self._generators[device] = generator
         return generator
 
-    @staticmethod
-    def _lookup(table: dict, key):
-        entry = table.get(key)
-        if entry is None or entry[0].expired():
-            return None
-        return entry[1]
 
-    # --- adaptive mode
+class AdaptiveBits:
+    """The adaptive mode: bits per slot class from measured gradient sensitivity (``calibrate``), and in a
+    plain loop, calibration on the model's own steps (``tap_output``, ``calibrate_if_due``)."""
+
+    def __init__(self, options: CompressOptions):
+        self.options = options
+        self.bits = options.bits
+        self.class_bits: dict[tuple[str, int], int] = {}
+        self.probe: _Probe | None = None  # during a calibration pass
+        self.loop_calibration = options.adaptive  # off under the Lightning trainer: its callback calibrates
+        self._training_forwards = 0
+        self._tapped = None  # (args, kwargs, output gradients) of a step to calibrate on
+
+    def bits_for(self, slot_class) -> int:
+        if self.probe is None:  # adaptive and not yet calibrated (a plain loop's first step): 8 bits
+            uncalibrated = self.options.adaptive and not self.class_bits
+            return ADAPTIVE_BITS[-1] if uncalibrated else self.class_bits.get(slot_class, self.bits)
+        return self.probe.probe_bits if self.probe.probed == slot_class else ADAPTIVE_BITS[-1]
 
     def calibrate(self, parameters: list[nn.Parameter], loss_fn) -> dict[tuple[str, int], int]:
         """Measure each slot class's sensitivity and give it bits in {1, 2, 4, 8}, averaging ``bits``.
@@ -566,12 +557,12 @@ class CompressStage:
         Calibration passes hold 8-bit activations: a quarter of plain backprop's activation memory.
         """
         def gradient(probed, bits=0):
-            self._probe = _Probe(probed, bits)
+            self.probe = _Probe(probed, bits)
             try:
                 loss = loss_fn()
                 grads = torch.autograd.grad(loss, parameters, allow_unused=True)
             finally:
-                probe, self._probe = self._probe, None
+                probe, self.probe = self.probe, None
             flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                               for g, p in zip(grads, parameters)])
             return flat, probe
@@ -588,14 +579,14 @@ class CompressStage:
         self._tapped, self._training_forwards = None, 1  # a plain loop's next calibration: adapt_every steps on
         return self.class_bits
 
-    # --- adaptive mode in a plain loop: calibrate on the model's own steps
+    # --- in a plain loop: calibrate on the model's own steps
 
     def tap_output(self, model: nn.Module, args, kwargs, output):
         """Every ``adapt_every``-th training forward since the last calibration (the first when there was
         none): route the outputs through an identity whose backward keeps the loss's gradient w.r.t. each
         output, so the next forward can calibrate on this batch with the user's own loss
         (``sum(output * gradient)`` has the same parameter gradients)."""
-        if not self.loop_calibration or self._probe is not None or not torch.is_grad_enabled():
+        if not self.loop_calibration or self.probe is not None or not torch.is_grad_enabled():
             return None
         self._training_forwards += 1
         if (self._training_forwards - 1) % self.options.adapt_every:
@@ -612,7 +603,7 @@ class CompressStage:
 
     def calibrate_if_due(self, model: nn.Module, args, kwargs) -> None:
         """Forward pre-hook: calibrate on the tapped step once its backward has run."""
-        if self._probe is not None or self._tapped is None or not self._tapped[2]:
+        if self.probe is not None or self._tapped is None or not self._tapped[2]:
             return
         (tapped_args, tapped_kwargs, gradients), self._tapped = self._tapped, None
 
@@ -626,6 +617,14 @@ class CompressStage:
             calibrate(model, surrogate_loss)
         finally:
             _ACTIVE_METERS.reset(meters)
+
+
+def _lookup(table: dict, key):
+    """A per-forward cache entry, unless its storage has been freed since (its address may be reused)."""
+    entry = table.get(key)
+    if entry is None or entry[0].expired():
+        return None
+    return entry[1]
 
 
 class _FusedAttentionCalls(TorchFunctionMode):
@@ -665,31 +664,16 @@ class _OutputGradients(torch.autograd.Function):
 
 def allocate_bits(variance: dict, values: dict, bits: int, resolution: int = 4096) -> dict:
     """Bits per class in {1, 2, 4, 8} minimising the summed gradient variance ``variance[cls][b]`` with
-    ``sum(n * b) <= bits * sum(n)``: a knapsack, solved by dynamic programming over the budget cut
-    into ``resolution`` units (costs rounded up; the uniform choice always fits, so it is never worse)."""
+    ``sum(n * b) <= bits * sum(n)`` (the core's knapsack, the budget cut into ``resolution`` units; the
+    uniform choice always fits, so the result is never worse than it)."""
     classes = [cls for cls in values if values[cls] > 0]
     if not classes:
         return {}
-    unit = bits * sum(values[cls] for cls in classes) / resolution
-    costs = [[math.ceil(values[cls] * b / unit) for b in ADAPTIVE_BITS] for cls in classes]
-    budget = sum(cost[ADAPTIVE_BITS.index(bits)] for cost in costs)
-    best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
-    best[0] = 0.0
-    picks = []
-    for cls, cost in zip(classes, costs):
-        options = torch.full((len(ADAPTIVE_BITS), budget + 1), math.inf, dtype=torch.float64)
-        for i, b in enumerate(ADAPTIVE_BITS):
-            if cost[i] <= budget:
-                options[i, cost[i]:] = best[: budget + 1 - cost[i]] + variance[cls][b]
-        best, pick = options.min(dim=0)
-        picks.append(pick)
-    used = int(best.argmin())
-    choice = {}
-    for cls, cost, pick in zip(reversed(classes), reversed(costs), reversed(picks)):
-        i = int(pick[used])
-        choice[cls] = ADAPTIVE_BITS[i]
-        used -= cost[i]
-    return choice
+    costs, budget = in_units([[values[cls] * b for b in ADAPTIVE_BITS] for cls in classes],
+                             bits * sum(values[cls] for cls in classes), resolution)
+    budget = max(budget, sum(cost[ADAPTIVE_BITS.index(bits)] for cost in costs))
+    picks = choose_one_each(costs, [[variance[cls][b] for b in ADAPTIVE_BITS] for cls in classes], budget)
+    return {cls: ADAPTIVE_BITS[i] for cls, i in zip(classes, picks)}
 
 
 # ---------------------------------------------------------------- exact compact encodings of single ops
@@ -868,9 +852,9 @@ def _activation_pair(module: nn.Module):
     return None
 
 
-def _derivative_forward(module: nn.Module, stage: CompressStage, x):
+def _derivative_forward(stage: CompressStage, module: nn.Module, inner, x):
     if not _needs_grad(x):
-        return module._lowmem_plain_forward(x)
+        return inner(x)
     function, derivative = _activation_pair(module)
     return _SavedDerivative.apply(x, function, derivative, stage)
 
@@ -879,17 +863,17 @@ def _needs_grad(x) -> bool:
     return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()
 
 
-def _relu_forward(module: nn.ReLU, stage: CompressStage, x):
+def _relu_forward(stage: CompressStage, module: nn.ReLU, inner, x):
     if not _needs_grad(x):
-        return module._lowmem_plain_forward(x)
+        return inner(x)
     out, mask = _ReLUMask.apply(x, module.inplace)
     stage.note_zero_outside(out, mask)
     return out
 
 
-def _dropout_forward(module: nn.Dropout, stage: CompressStage, x):
+def _dropout_forward(stage: CompressStage, module: nn.Dropout, inner, x):
     if not (_needs_grad(x) and module.training and 0 < module.p < 1):
-        return module._lowmem_plain_forward(x)
+        return inner(x)
     out, mask = _DropoutMask.apply(x, module.p)
     stage.note_zero_outside(out, mask)
     return out
@@ -898,20 +882,20 @@ def _dropout_forward(module: nn.Dropout, stage: CompressStage, x):
 _MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
 
-def _max_pool_forward(module: nn.Module, stage: CompressStage, x):
+def _max_pool_forward(stage: CompressStage, module: nn.Module, inner, x):
     dims = next(d for cls, d in _MAX_POOLS.items() if isinstance(module, cls))
     if not _needs_grad(x) or x.dim() < dims + 1:
-        return module._lowmem_plain_forward(x)
+        return inner(x)
     expand = nn.modules.utils._ntuple(dims)
     stride = module.stride if module.stride is not None else module.kernel_size
     return _MaxPoolWindow.apply(x, dims, expand(module.kernel_size), expand(stride), expand(module.padding),
                                 expand(module.dilation), module.ceil_mode)
 
 
-def _avg_pool_forward(module: nn.Module, stage: CompressStage, x):
+def _avg_pool_forward(stage: CompressStage, module: nn.Module, inner, x):
     if not _needs_grad(x):
-        return module._lowmem_plain_forward(x)
-    return _ShapeOnly.apply(x, module._lowmem_plain_forward)
+        return inner(x)
+    return _ShapeOnly.apply(x, inner)
 
 
 def _special_forward(module: nn.Module):
@@ -954,7 +938,7 @@ class Compress(Strategy):
         self.stage = CompressStage(self.options)
 
     def plan(self, model: nn.Module) -> list[Touch]:
-        scopes = module_scopes(model, self.options.layers, self.options.exclude)
+        scopes = self._scopes(model)
         touches = []
         for name, module in model.named_modules():
             if not scopes[name].compress:
@@ -963,39 +947,41 @@ class Compress(Strategy):
             action = _SPECIAL_ACTIONS[special] if special else f"saved tensors as {self.options.bits}-bit codes"
             if scopes[name].kind in ("other", "top"):
                 action = f"its own ops' saved tensors as {self.options.bits}-bit codes"
-            touches.append(Touch(name, type(module).__name__, action))
+            touches.append(Touch(name, type(module).__name__, action, phase=Phase.REPLACE if special else None))
         if not touches:
             present = sorted({scope.kind for scope in scopes.values()})
             raise StrategyError(
                 f"strategy '{self.name}': no module of {type(model).__name__} has a kind in layers="
-                f"{self.options.layers}" + (f" outside exclude={self.options.exclude}" if self.options.exclude else "")
+                f"{self.options.layers}" + (f" in targets={self.options.targets}" if self.options.targets else "")
+                + (f" outside exclude={self.options.exclude}" if self.options.exclude else "")
                 + f"; kinds present: {present}"
             )
         return touches
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         stage = self.stage
-        scopes = module_scopes(model, self.options.layers, self.options.exclude)
+        scopes = self._scopes(model)
         if self.options.adaptive:  # before the stage's own hooks: calibration runs whole forwards
-            model.register_forward_pre_hook(stage.calibrate_if_due, with_kwargs=True)
+            model.register_forward_pre_hook(stage.adaptive.calibrate_if_due, with_kwargs=True)
         model.register_forward_pre_hook(stage.begin_forward, with_kwargs=True)
         model.register_forward_hook(stage.end_forward, always_call=True)
         if self.options.adaptive:
-            model.register_forward_hook(stage.tap_output, with_kwargs=True)
+            model.register_forward_hook(stage.adaptive.tap_output, with_kwargs=True)
+        stage.track(module_scope(model), scopes)
         for name, module in model.named_modules():
-            scope = scopes[name]
-            module.register_forward_pre_hook(functools.partial(stage.enter, scope))
-            module.register_forward_hook(functools.partial(stage.exit, scope), always_call=True)
-            special = _special_forward(module) if scope.compress else None
-            if special is not None and "_lowmem_plain_forward" not in module.__dict__:
-                module._lowmem_plain_forward = module.forward
-                module.forward = functools.partial(special, module, stage)
+            special = _special_forward(module) if scopes[name].compress else None
+            if special is not None:
+                wrap_forward(module, self.name, Phase.REPLACE, functools.partial(special, stage), name=name)
+
+    def _scopes(self, model: nn.Module) -> dict[str, Scope]:
+        in_scope = subtree_scope(model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude)
+        return module_scopes(model, self.options.layers, in_scope)
 
     def saved_tensor_stage(self) -> CompressStage:
         return self.stage
 
     def callbacks(self) -> list:
-        return [_recalibrate_callback(self.options.adapt_every)] if self.options.adaptive else []
+        return [Recalibrate(self.options.adapt_every)] if self.options.adaptive else []
 
 
 def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
@@ -1010,9 +996,8 @@ def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
     stages = _stages(model)
     if not stages:
         raise StrategyError("calibrate: strategy 'compress' is not applied to this model")
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
-    cuda = sorted({p.device.index for p in model.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
+    cuda = cuda_devices(model)
+    with undisturbed(model, modes=False, devices=cuda):
         cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
 
         def same_randomness_loss():  # every pass draws the same dropout masks
@@ -1021,48 +1006,27 @@ def calibrate(model: nn.Module, loss_fn) -> dict[tuple[str, int], int]:
                 torch.cuda.set_rng_state(state, device)
             return loss_fn()
 
-        try:
-            return stages[0].calibrate([p for p in model.parameters() if p.requires_grad], same_randomness_loss)
-        finally:
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
+        return stages[0].adaptive.calibrate([p for p in model.parameters() if p.requires_grad], same_randomness_loss)
 
 
 def _stages(model: nn.Module) -> list[CompressStage]:
-    return [stage for module in model.modules() for stage in getattr(module, "_lowmem_saved_tensor_stages", [])
+    return [stage for module in model.modules() for stage in saved_tensor_stages(module)
             if isinstance(stage, CompressStage)]
 
 
-def _recalibrate_callback(every: int):
-    """A Lightning callback that calibrates on the current batch every ``every`` optimizer steps."""
-    from lightning.pytorch import Callback
+class Recalibrate(L.Callback):
+    """Calibrates on the current batch every ``every`` optimizer steps, before the step, through the training
+    module's side-effect-free ``batch_loss``."""
 
-    class Recalibrate(Callback):
-        def __init__(self):
-            self.last_step = None
+    def __init__(self, every: int):
+        self.every = every
+        self.last_step = None
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            for stage in _stages(pl_module):
-                stage.loop_calibration = False  # this callback calibrates, before the step
-            step = trainer.global_step
-            if step % every or step == self.last_step:
-                return
-            self.last_step = step
-
-            def loss_fn():
-                out = pl_module.training_step(batch, batch_idx)
-                return out["loss"] if isinstance(out, dict) else out
-
-            pl_module.log = pl_module.log_dict = _no_log  # calibration passes are not training steps
-            try:
-                calibrate(pl_module, loss_fn)
-            finally:
-                del pl_module.log, pl_module.log_dict
-
-    return Recalibrate()
-
-
-def _no_log(*args, **kwargs) -> None:
-    return None
-
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for stage in _stages(pl_module):
+            stage.adaptive.loop_calibration = False  # this callback calibrates, before the step
+        step = trainer.global_step
+        if step % self.every or step == self.last_step:
+            return
+        self.last_step = step
+        calibrate(pl_module, lambda: pl_module.batch_loss(batch))

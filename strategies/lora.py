@@ -30,6 +30,7 @@ from torch import nn
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
 from lowmem_train.causal_lm import causal_lm_of
 from lowmem_train.targets import repeated_blocks, weight_read_by_parent
+from lowmem_train.undisturbed import undisturbed
 
 QUANTIZE = ("none", "nf4", "int8")
 ADAPTER = "default"  # PEFT's adapter name; one adapter per model here
@@ -146,10 +147,9 @@ def apply_lora(model: nn.Module, module_names: list[str], options: LoraOptions) 
     flag = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}.get(options.quantize)
     if flag:
         setattr(model, flag, True)
-    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         # PEFT initialises lora_A from the global RNG: keep the model's stream (dropout masks) untouched.
-        with torch.random.fork_rng(devices=cuda_devices):
+        with undisturbed(model, buffers=False, modes=False):
             # Exact names: PEFT matches a target when the module's name equals it or ends with "." + it.
             inject_adapter_in_model(lora_config(module_names, options), model, adapter_name=ADAPTER)
     finally:

@@ -7,21 +7,24 @@ which it is freed. In unpack the backward's stream waits for that copy and bring
 (non-blocking from pinned memory). The values are copied bit for bit, so gradients are identical.
 
 It composes through the pipeline: with ``checkpoint`` it offloads the kept block inputs, with
-``selective_checkpoint`` the stored operator outputs, and after ``compress`` (lower ``order``) the
-compressed payload. CPU tensors pass through: on a CPU-only run it is a no-op (logged once).
+``selective_checkpoint`` the stored operator outputs, and after ``compress`` (its stage position is MOVE,
+compress's ENCODE) the compressed payload. ``targets``/``exclude`` limit it to the saves of some subtrees. CPU tensors pass through: on a CPU-only run it is a no-op (logged once).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from lowmem_train import Strategy, StrategyError, Touch
+from lowmem_train.module_scope import ModuleScope, module_scope
+from lowmem_train.saved_tensors import StagePosition
+from lowmem_train.targets import SubtreeScope, subtree_scope
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 class OffloadOptions:
     min_bytes: int = 1024  # smaller tensors stay on the GPU: their copy costs more than it frees
     pin_memory: bool = True  # pinned host buffers: asynchronous copies, overlapped with compute
+    targets: Optional[list[str]] = None  # subtrees whose saved tensors move (class names / names / regexes); None: all
+    exclude: list[str] = field(default_factory=list)  # subtrees whose saved tensors stay on the device
 
     def validate(self, strategy_name: str) -> None:
         if self.min_bytes < 0:
@@ -38,20 +43,30 @@ class OffloadOptions:
 
 class Offload(Strategy):
     exact = True
-    order = 95  # after compress (its payload is what gets offloaded)
     Options = OffloadOptions
     summary = "moves saved activations to pinned CPU memory in forward, back in backward (PCIe traffic)"
 
+    stage: OffloadStage | None = None
+
     def plan(self, model: nn.Module) -> list[Touch]:
+        scope = self._scope(model)
         action = f"saved activations >= {self.options.min_bytes} B to {'pinned ' if self.options.pin_memory else ''}CPU"
-        return [Touch("", type(model).__name__, action)]
+        if scope.excluded:
+            action += f", except under {', '.join(scope.excluded)}"
+        return [Touch(root, type(model.get_submodule(root)).__name__, action) for root in scope.roots]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if not torch.cuda.is_available():
             log.warning("offload: no CUDA device, saved activations already live in host memory; offload is a no-op")
+        everything = self.options.targets is None and not self.options.exclude
+        self.stage = OffloadStage(self.options.min_bytes, self.options.pin_memory,
+                                  None if everything else (module_scope(model), self._scope(model)))
 
     def saved_tensor_stage(self) -> OffloadStage:
-        return OffloadStage(self.options.min_bytes, self.options.pin_memory)
+        return self.stage
+
+    def _scope(self, model: nn.Module) -> SubtreeScope:
+        return subtree_scope(model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude)
 
 
 @dataclass(frozen=True)
@@ -66,11 +81,16 @@ class Offloaded:
 class OffloadStage:
     """Pack: CUDA tensors >= ``min_bytes`` to host on a side stream. Unpack: back to their device."""
 
-    def __init__(self, min_bytes: int, pin_memory: bool):
+    position = StagePosition.MOVE  # after compress: its payload is what gets offloaded
+
+    def __init__(self, min_bytes: int, pin_memory: bool, scope: tuple[ModuleScope, SubtreeScope] | None = None):
         self.min_bytes = min_bytes
         self.pin_memory = pin_memory
+        self.scope = scope  # (which module runs, which modules' saves move); None: every module's
 
     def pack(self, value: Any) -> Any:
+        if self.scope is not None and not self.scope[1](self.scope[0].current()):
+            return value
         return tree_map(self._offload, value)  # a tensor, or the tensors inside an earlier stage's payload
 
     def unpack(self, value: Any) -> Any:

@@ -21,7 +21,7 @@ non-deterministic blocks) warns and falls back to plain autograd (storing activa
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,7 +31,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
+from lowmem_train.forward_wrap import Phase, wrap_forward
 from lowmem_train.recompute import frozen_norm_statistics, is_kv_cache
+from lowmem_train.undisturbed import example_inputs, undisturbed
 
 
 @dataclass
@@ -54,7 +56,6 @@ class Reversible(Strategy):
     exact = False  # a different architecture: compare with the same converted model under plain autograd
     changes_architecture = True
     order = 80  # a conversion of the blocks: before forward wrappers (order 90)
-    incompatible_with = frozenset({"checkpoint", "selective_checkpoint"})  # nothing left to recompute
     Options = ReversibleOptions
     summary = ("RevNet two-stream stacks: block activations rebuilt from outputs, memory flat in depth "
                "(changes the architecture; ~1 extra block forward in backward)")
@@ -66,22 +67,23 @@ class Reversible(Strategy):
                 f"strategy '{self.name}': {type(model).__name__} was loaded from '{pretrained}'; the reversible "
                 "coupling changes the model's function, so it only applies to models trained from scratch"
             )
-        stacks = _stacks(model, self)
-        return [Touch(name, type(model.get_submodule(name)).__name__,
-                      f"reversible stack {s} block {i + 1}/{len(stack)}: rebuilt from outputs in backward")
-                for s, stack in enumerate(stacks) for i, name in enumerate(stack)]
+        stacks, left_out = _stacks(model, self)
+        touches = [Touch(name, type(model.get_submodule(name)).__name__,
+                         f"reversible stack {s} block {i + 1}/{len(stack)}: rebuilt from outputs in backward",
+                         phase=Phase.REBUILD)
+                   for s, stack in enumerate(stacks) for i, name in enumerate(stack)]
+        return touches + [Touch(name, type(model.get_submodule(name)).__name__, f"left alone: {reason}", changed=False)
+                          for name, reason in left_out.items()]
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
-        for stack_names in _stacks(model, self):
+        for stack_names in _stacks(model, self)[0]:
             if "_lowmem_rev" in model.get_submodule(stack_names[0]).__dict__:
                 continue
             stack = _Stack(self.options.drift_check_every, self.options.drift_tolerance)
             for index, name in enumerate(stack_names):
                 block = model.get_submodule(name)
-                block._lowmem_inner_forward = block.forward
                 block._lowmem_rev = _Position(stack, name, index == 0, index == len(stack_names) - 1)
-                # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
-                block.forward = types.MethodType(_reversible_forward, block)
+                wrap_forward(block, self.name, Phase.REBUILD, _reversible_forward, name=name)
 
 
 def use_plain_autograd(model: nn.Module, plain: bool = True) -> None:
@@ -91,15 +93,20 @@ def use_plain_autograd(model: nn.Module, plain: bool = True) -> None:
             module._lowmem_rev.stack.plain = plain
 
 
-def _stacks(model: nn.Module, strategy: Reversible) -> list[list[str]]:
-    """Runs of consecutive siblings among the chosen blocks, without shape-changing (downsampling) blocks."""
+def _stacks(model: nn.Module, strategy: Reversible) -> tuple[list[list[str]], dict[str, str]]:
+    """Runs of consecutive siblings among the chosen blocks, and the blocks left out with the reason: those
+    whose output shape differs from their input's (a downsample, no skip connection) have no inverse."""
     blocks = select_modules(model, strategy=strategy.name, targets=strategy.options.targets,
                             exclude=strategy.options.exclude, default=repeated_blocks, what="residual blocks")
+    left_out = _shape_changes(model, blocks)
     stacks: list[list[str]] = []
     previous = None
     for name, module in blocks:
-        # ResNet's first block of a stage, torchvision's inverted residuals without a skip: shapes change
-        if getattr(module, "downsample", None) is not None or getattr(module, "use_res_connect", True) is False:
+        if getattr(module, "downsample", None) is not None:
+            left_out.setdefault(name, "it downsamples (input and output shapes differ)")
+        if getattr(module, "use_res_connect", True) is False:
+            left_out.setdefault(name, "it has no skip connection")
+        if name in left_out:
             previous = None
             continue
         parent, _, child = name.rpartition(".")
@@ -110,11 +117,44 @@ def _stacks(model: nn.Module, strategy: Reversible) -> list[list[str]]:
             stacks.append([name])
         previous = position
     if not stacks:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in list(left_out.items())[:3])
         raise StrategyError(
             f"strategy '{strategy.name}': {type(model).__name__} has no residual blocks with equal input and "
-            "output shapes; set strategy.reversible.targets to such blocks"
+            f"output shapes ({reasons}); set strategy.reversible.targets to such blocks"
         )
-    return stacks
+    return stacks, left_out
+
+
+def _shape_changes(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Blocks whose hidden state changes shape, seen in one example forward (none when there is no example
+    input or the forward fails: the attribute checks and the forward-time check remain)."""
+    inputs = example_inputs(model)
+    changes: dict[str, str] = {}
+    if inputs is None:
+        return changes
+    handles = [module.register_forward_hook(functools.partial(_note_shape_change, changes, name), with_kwargs=True)
+               for name, module in blocks]
+    try:
+        with undisturbed(model), torch.no_grad():
+            model(*inputs[0], **inputs[1])
+    except Exception:  # noqa: BLE001 - a model that needs other inputs: decided by the other checks
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return changes
+
+
+def _note_shape_change(changes: dict[str, str], name: str, module, args, kwargs, output) -> None:
+    """Why a block is no coupling's residual: the same checks as the forward's, seen before training."""
+    hidden = args[0] if args else next(iter(kwargs.values()), None)
+    out = _first(output)
+    if not isinstance(hidden, torch.Tensor):
+        changes[name] = f"it takes a {type(hidden).__name__}, not a hidden-state tensor"
+    elif isinstance(output, tuple) and any(extra is not None for extra in output[1:]):
+        changes[name] = f"it returns {len(output)} outputs that the model reads on"
+    elif isinstance(out, torch.Tensor) and out.shape != hidden.shape:
+        changes[name] = f"it maps {tuple(hidden.shape)} to {tuple(out.shape)}"
 
 
 class _Stack:
@@ -142,7 +182,7 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _reversible_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs):
+def _reversible_forward(self: nn.Module, inner, hidden: torch.Tensor, *args, **kwargs):
     position: _Position = self._lowmem_rev
     stack = position.stack
     if not isinstance(hidden, torch.Tensor):
@@ -175,7 +215,7 @@ def _reversible_forward(self: nn.Module, hidden: torch.Tensor, *args, **kwargs):
         for i, tensor in zip(tensor_at, tensors):
             call_leaves[i] = tensor
         call_args, call_kwargs = tree_unflatten(call_leaves, spec)
-        output = self._lowmem_inner_forward(x, *call_args, **call_kwargs)
+        output = inner(x, *call_args, **call_kwargs)
         returns_tuple = isinstance(output, tuple)
         if returns_tuple and any(extra is not None for extra in output[1:]):
             # T5 hands its first block's position bias to the others: a stack returns only the hidden state.

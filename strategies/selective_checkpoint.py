@@ -8,9 +8,8 @@ convolutions) whose outputs are no larger. So, on the model's first forward with
    batch-norm statistics frozen, so training is not disturbed, one block's activations at a time) and
    measure per operator call its output bytes and wall time, and the bytes plain backprop (``none``)
    saves inside the block; a census counts what the model stores besides (other layers, block inputs);
-2. one knapsack over all blocks keeps the model within ``memory_budget`` x the bytes of ``none``:
-   operator outputs are stored from the most expensive per byte down while they fit, i.e. the
-   cheapest-per-byte operators are the ones recomputed;
+2. one knapsack over all blocks (``lowmem_train.knapsack``) keeps the model within ``memory_budget`` x
+   the bytes of ``none``: it picks the operator outputs to store so that the recomputed time is least;
 3. every later forward runs ``torch.utils.checkpoint`` (``use_reentrant=False``) with
    ``create_selective_checkpoint_contexts``: stored calls are ``MUST_SAVE``, the rest ``PREFER_RECOMPUTE``.
 
@@ -25,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-import types
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -44,8 +43,11 @@ from torch.utils.checkpoint import (
 )
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
+from lowmem_train.forward_wrap import Phase, wrap_forward
+from lowmem_train.knapsack import choose_one_each, in_units
 from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics, without_kv_cache
 from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, model_state_storages
+from lowmem_train.undisturbed import cuda_devices, undisturbed
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +68,9 @@ class SelectiveCheckpointOptions:
 class SelectiveCheckpoint(Strategy):
     exact = True
     order = 90  # wraps forwards, like checkpoint
-    incompatible_with = frozenset({"checkpoint"})  # both wrap the same blocks' forwards
     Options = SelectiveCheckpointOptions
     summary = ("stores the op outputs costliest to recompute per byte within a budget of `none`'s bytes, "
                "recomputes the rest (less recompute than checkpoint)")
-
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.planner = _Planner(self.options.memory_budget)
 
     def plan(self, model: nn.Module) -> list[Touch]:
         if "respect_saved_tensors_hooks" not in inspect.signature(checkpoint).parameters:
@@ -85,23 +82,19 @@ class SelectiveCheckpoint(Strategy):
         )
         action = (f"selective checkpoint: model stores <= {self.options.memory_budget:.0%} of `none`'s bytes, "
                   "per-op choice measured on the first forward")
-        return [Touch(name, type(module).__name__, action) for name, module in blocks]
+        return [Touch(name, type(module).__name__, action, phase=Phase.REBUILD) for name, module in blocks]
+
+    planner: _Planner | None = None
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
-        if "_lowmem_sac_planner" in model.__dict__:
-            return
-        planner = model._lowmem_sac_planner = self.planner
-        install_pipeline(model)  # the census counts what the model's pipeline stores
-        model.register_forward_pre_hook(planner.start_census)
-        model.register_forward_hook(planner.decide, always_call=True)
-        for touch in plan:
-            selective_checkpoint_module(model.get_submodule(touch.module), planner, touch.module)
+        self.planner = apply_selective_checkpoint(model, [touch.module for touch in plan],
+                                                  memory_budget=self.options.memory_budget)
 
     def callbacks(self) -> list:
-        return [KeepDecisions(self.planner)]
+        return [KeepDecisions(self)]
 
     def report(self) -> dict:
-        decisions = self.planner.decisions.values()
+        decisions = self.planner.decisions.values() if self.planner else ()
         if not decisions:
             return {}
         return {
@@ -118,15 +111,15 @@ class SelectiveCheckpoint(Strategy):
 class KeepDecisions(L.Callback):
     """Puts the per-block decisions in Lightning checkpoints; a resumed run uses them instead of profiling."""
 
-    def __init__(self, planner: _Planner):
-        self.planner = planner
+    def __init__(self, strategy: SelectiveCheckpoint):
+        self.strategy = strategy  # its planner is the applied model's
 
     def state_dict(self):
         return {name: {**asdict(d), "stored_keys": sorted(d.stored_keys)}
-                for name, d in self.planner.decisions.items()}
+                for name, d in self.strategy.planner.decisions.items()}
 
     def load_state_dict(self, state_dict):
-        self.planner.decisions = {
+        self.strategy.planner.decisions = {
             name: BlockDecision(**{**d, "stored_keys": frozenset(tuple(key) for key in d["stored_keys"])})
             for name, d in state_dict.items()}
 
@@ -193,11 +186,13 @@ class _Planner:
         profiled = sum(p.none_bytes for p in self.profiles.values())
         capacity = self.budget * (census_bytes + profiled) - census_bytes
         calls = [(name, c) for name, p in self.profiles.items() for c in p.calls if c.nbytes > 0]
+        # Each call: recompute (no bytes, its time) or store (its bytes, no time); least time within capacity.
+        costs, units = in_units([[0, call.nbytes] for _, call in calls], max(capacity, 0))
+        picks = choose_one_each(costs, [[call.seconds, 0.0] for _, call in calls], units) if calls else []
         stored: dict[str, set] = {name: set() for name in self.profiles}
-        for name, call in sorted(calls, key=lambda item: item[1].seconds / item[1].nbytes, reverse=True):
-            if call.nbytes <= capacity:
+        for (name, call), pick in zip(calls, picks):
+            if pick:
                 stored[name].add(call.key)
-                capacity -= call.nbytes
         for name, profile in self.profiles.items():
             full = sum(c.seconds for c in profile.calls)
             kept = [c for c in profile.calls if c.key in stored[name]]
@@ -211,30 +206,44 @@ class _Planner:
 
 def block_decisions(model: nn.Module) -> list[BlockDecision]:
     """The per-block decisions, in forward order (empty before the first training forward)."""
-    return list(model._lowmem_sac_planner.decisions.values())
+    return list(model.__dict__[_PLANNER].decisions.values())
 
 
-def selective_checkpoint_module(module: nn.Module, planner: _Planner, name: str) -> None:
-    """Make ``module`` checkpoint its forward, storing what ``planner`` decides (parameters unchanged)."""
-    module._lowmem_inner_forward = module.forward
-    module._lowmem_sac_planner = planner
-    module._lowmem_sac_name = name
-    # A bound method (not a closure) so copy.deepcopy rebinds it to the copy.
-    module.forward = types.MethodType(_selective_forward, module)
+_PLANNER = "_lowmem_sac_planner"
 
 
-def _selective_forward(self: nn.Module, *args, **kwargs):
+def apply_selective_checkpoint(model: nn.Module, blocks: Iterable[str], *, memory_budget: float = 0.5) -> _Planner:
+    """Selectively checkpoint the modules of ``model`` named in ``blocks`` (idempotent).
+
+    One planner per model takes the decision for all of them on the first training forward, so ``model``
+    is the root whose forward runs the blocks. Returns it (its ``decisions`` are the report).
+    """
+    planner = model.__dict__.get(_PLANNER)
+    if planner is None:
+        planner = model.__dict__[_PLANNER] = _Planner(memory_budget)
+        install_pipeline(model)  # the census counts what the model's pipeline stores
+        model.register_forward_pre_hook(planner.start_census)
+        model.register_forward_hook(planner.decide, always_call=True)
+    elif planner.budget != memory_budget:
+        raise StrategyError(f"selective_checkpoint is already applied to this model with memory_budget="
+                            f"{planner.budget}; one budget per model")
+    for name in blocks:
+        wrap_forward(model.get_submodule(name), "selective_checkpoint", Phase.REBUILD,
+                     partial(_selective_forward, planner, name), name=name)
+    return planner
+
+
+def _selective_forward(planner: _Planner, name: str, module: nn.Module, inner, *args, **kwargs):
     if not torch.is_grad_enabled():
-        return self._lowmem_inner_forward(*args, **kwargs)
+        return inner(*args, **kwargs)
     # Profiling and recomputation run the block again: a key/value cache would grow with every run.
     args, kwargs = without_kv_cache(args, kwargs)
-    planner = self._lowmem_sac_planner
-    decision = planner.decisions.get(self._lowmem_sac_name)
-    if decision is None and planner.census is not None and self._lowmem_sac_name not in planner.profiles:
-        planner.profiles[self._lowmem_sac_name] = _profile(self, args, kwargs, model_state_storages(self))
+    decision = planner.decisions.get(name)
+    if decision is None and planner.census is not None and name not in planner.profiles:
+        planner.profiles[name] = _profile(module, inner, args, kwargs, model_state_storages(module))
     stored = decision.stored_keys if decision else frozenset()  # undecided: full checkpointing
     options = {"context_fn": partial(_contexts, stored), "respect_saved_tensors_hooks": True}
-    return checkpointed_call(self, self._lowmem_inner_forward, *args, recompute_guard=_frozen_norms_outside_sac,
+    return checkpointed_call(module, inner, *args, recompute_guard=_frozen_norms_outside_sac,
                              checkpoint_options=options, **kwargs)
 
 
@@ -314,11 +323,11 @@ def _written_storages(func, args, kwargs) -> list[int]:
     return written
 
 
-def _profile(module: nn.Module, args, kwargs, param_storages: set[int], repeats: int = 2) -> BlockProfile:
-    """Operator calls of one forward (time: the fastest of ``repeats``) and the bytes backprop saves.
+def _profile(module: nn.Module, forward, args, kwargs, param_storages: set[int], repeats: int = 2) -> BlockProfile:
+    """Operator calls of ``forward`` (time: the fastest of ``repeats``) and the bytes backprop saves.
 
     The passes must not change training: RNG is forked (dropout masks of the real forward unchanged) and
-    batch-norm running statistics frozen. One block's full activations live only during this call.
+    batch-norm running statistics put back. One block's full activations live only during this call.
     """
     inputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
               for t in tree_flatten((args, kwargs))[0]
@@ -331,14 +340,12 @@ def _profile(module: nn.Module, args, kwargs, param_storages: set[int], repeats:
             saved[ptr] = tensor.untyped_storage().nbytes()
         return tensor
 
-    devices = sorted({t.device.index or 0 for t in tree_flatten((args, kwargs))[0]
-                      if isinstance(t, torch.Tensor) and t.is_cuda})
     runs: list[list[OpCall]] = []
-    with torch.random.fork_rng(devices=devices), frozen_norm_statistics(module):
+    with undisturbed(module, modes=False, devices=cuda_devices(args, kwargs)):
         for _ in range(repeats):
             profiler = _OpProfiler()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), profiler:
-                output = module._lowmem_inner_forward(*args, **kwargs)
+                output = forward(*args, **kwargs)
             if not runs:
                 # The output is the next block's input, which the census already counts when it is kept.
                 for tensor in tree_flatten(output)[0]:

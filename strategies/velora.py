@@ -16,7 +16,6 @@ adapters' ``lora_A`` layers, whose input is the only one saved for the adapter's
 from __future__ import annotations
 
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
+from lowmem_train.forward_wrap import Phase, wrap_forward
 from lowmem_train.targets import weight_read_by_parent
 
 INITS = ("first_batch", "batch_average")
@@ -79,7 +79,7 @@ class Velora(Strategy):
                     f"groups={groups} (no padding support); set strategy.velora.groups to a divisor of every "
                     "target's width")
             touches.append(Touch(name, "Linear", f"save {groups} of {module.in_features} values per token "
-                                                 f"(sub-tokens of {module.in_features // groups})"))
+                                                 f"(sub-tokens of {module.in_features // groups})", phase=Phase.REPLACE))
         return touches
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
@@ -95,12 +95,12 @@ def velora_linear(module: nn.Linear, groups: int, init: str) -> None:
     size = module.in_features // groups
     module.register_buffer("velora_v", torch.zeros(size, device=module.weight.device, dtype=module.weight.dtype))
     module.register_buffer("velora_initialized", torch.zeros((), dtype=torch.bool, device=module.weight.device))
-    module.forward = types.MethodType(_velora_forward, module)  # a bound method, so deepcopy rebinds it
+    wrap_forward(module, "velora", Phase.REPLACE, _velora_forward)
 
 
-def _velora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _velora_forward(self: nn.Linear, inner, x: torch.Tensor) -> torch.Tensor:
     if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
-        return nn.functional.linear(x, self.weight, self.bias)
+        return inner(x)
     groups, init = self._lowmem_velora
     v = self.velora_v
     if init == "batch_average" or not bool(self.velora_initialized):

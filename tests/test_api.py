@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import lowmem_train
 from lowmem_train import StrategyError, apply_strategies, available_strategies
+from lowmem_train.forward_wrap import Phase, wrapper_owner
 from lowmem_train.strategy import _registry, build_strategies
 from tiny_models import cnn_batch, loss_of, tiny_cnn
 
@@ -33,7 +34,7 @@ def test_apply_strategies_accepts_every_spec_form(spec):
     ("nope", "unknown strategy 'nope'; available: "),
     ({"checkpoint": {"bogus": 1}}, "strategy 'checkpoint': unknown option 'bogus'; valid options: targets, exclude"),
     ({"checkpoint": {"targets": 3}}, "strategy 'checkpoint': option 'targets' must be list or null, got 3"),
-    ({"checkpoint": {"targets": ["Nothing"]}}, "strategy 'checkpoint': targets ['Nothing'] match no module of TinyResNet"),
+    ({"checkpoint": {"targets": ["Nothing"]}}, "strategy 'checkpoint': targets pattern 'Nothing' matches no module of TinyResNet"),
     ({"checkpoint": {"exclude": ["blocks.*"]}}, "minus exclude ['blocks.*'] match no module"),
     ({"checkpoint": {"targets": ["(unclosed"]}}, "is not a valid regular expression"),
 ])
@@ -50,7 +51,7 @@ def test_model_without_repeated_blocks_needs_explicit_targets():
     with pytest.raises(StrategyError, match="its default repeated blocks match no module of Sequential"):
         apply_strategies(model, "checkpoint")
     apply_strategies(model, {"checkpoint": {"targets": ["0"]}})
-    assert "_lowmem_inner_forward" in model[0].__dict__
+    assert wrapper_owner(model[0], Phase.REBUILD) == "checkpoint"
 
 
 def test_reapplying_with_other_options_is_refused():
@@ -128,5 +129,5 @@ def test_checkpoint_keeps_only_the_outermost_matching_modules():
     plan = lowmem_train.get_strategy_class("checkpoint")({"targets": ["blocks.*"]}).plan(model)
     assert [t.module for t in plan] == ["blocks"]  # 'blocks.*' also matches 'blocks' itself and all inside it
     apply_strategies(model, {"checkpoint": {"targets": ["BasicBlock"], "exclude": ["blocks.0"]}})
-    assert "_lowmem_inner_forward" in model.blocks[1].__dict__
-    assert "_lowmem_inner_forward" not in model.blocks[0].__dict__
+    assert wrapper_owner(model.blocks[1], Phase.REBUILD) == "checkpoint"
+    assert wrapper_owner(model.blocks[0], Phase.REBUILD) is None

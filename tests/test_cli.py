@@ -62,7 +62,7 @@ def test_multirun_writes_one_directory_and_one_wandb_run_per_job(tmp_path):
     (["recipe=imagenet_resnet"], "data.root is required"),
     (["-m", "strategy=none,nope"], "unknown strategy 'nope'"),
     (["data=cifar10", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent has no cifar-10-batches-py"),
-    (["strategy=checkpoint", "strategy.checkpoint.targets=[Nope]"], "targets ['Nope'] match no module of ResNet"),
+    (["strategy=checkpoint", "strategy.checkpoint.targets=[Nope]"], "targets pattern 'Nope' matches no module of ResNet"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_no_output(tmp_path, args, message):
     run_dir = tmp_path / "run"

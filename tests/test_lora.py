@@ -170,7 +170,7 @@ def test_qlora_composes_with_activation_strategies(other, exact):
 @pytest.mark.parametrize("options,message", [
     ({"quantize": "fp4"}, "quantize=fp4; valid: none, nf4, int8"),
     ({"quantize": "int8", "use_dora": True}, "use_dora=true cannot be combined with quantize=int8"),
-    ({"target_modules": ["Conv2d"]}, "target_modules ['Conv2d'] match no module of LlamaForCausalLM; set strategy.lora.target_modules"),
+    ({"target_modules": ["Conv2d"]}, "target_modules pattern 'Conv2d' matches no module of LlamaForCausalLM; near: "),
     ({"r": 0}, "r=0 must be >= 1"),
 ])
 def test_bad_lora_options_are_one_line_errors(options, message):

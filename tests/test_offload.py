@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lowmem_train import StrategyError, apply_strategies
+from lowmem_train.saved_tensors import saved_tensor_stages
 from lowmem_train.strategies.offload import Offloaded, OffloadStage
 from tiny_models import tiny_llama_config
 
@@ -90,3 +91,17 @@ def test_cuda_small_tensors_stay_on_the_gpu_and_large_ones_round_trip():
     assert isinstance(packed, Offloaded) and packed.host.device.type == "cpu" and packed.host.is_pinned()
     restored = stage.unpack(packed)
     assert restored.device == large.device and torch.equal(restored, large)
+
+
+def test_targets_limit_offload_to_the_saves_of_those_subtrees(monkeypatch):
+    """On CPU nothing moves, so record which modules' saves the stage would move."""
+    model, loss_fn = llama()
+    apply_strategies(model, {"offload": {"targets": ["layers.1"], "exclude": ["layers.1.mlp"]}})
+    stage = saved_tensor_stages(model)[0]
+    moved = []
+    monkeypatch.setattr(OffloadStage, "_offload", lambda self, leaf: moved.append(self.scope[0].current()) or leaf)
+    loss_fn(model).backward()
+    assert moved and all(name.startswith("model.layers.1.") and ".mlp" not in name for name in moved)
+    everywhere = apply_strategies(llama()[0], "offload")
+    assert saved_tensor_stages(everywhere)[0].scope is None
+    assert stage.scope[1]("model.layers.1.self_attn") and not stage.scope[1]("model.layers.0")

@@ -124,9 +124,9 @@ def test_a_run_never_writes_into_an_earlier_runs_folder_and_a_late_failure_remov
     before = snapshot(first)
     again = run_cli("trainer=debug", f"hydra.run.dir={first}", cwd=tmp_path)
     assert_one_line_error(again, f"hydra.run.dir={first} is not empty")
-    late = run_cli("strategy=reversible", "strategy.reversible.targets=[fc]", "trainer=debug",
-                   f"hydra.run.dir={tmp_path / 'late'}", cwd=tmp_path)  # fails in the first training forward
-    assert_one_line_error(late, "strategy 'reversible': block fc maps")
+    late = run_cli("strategy=step_in_backward", "trainer.accumulate_grad_batches=2", "trainer=debug",
+                   f"hydra.run.dir={tmp_path / 'late'}", cwd=tmp_path)  # fails in trainer.fit, after the run dir exists
+    assert_one_line_error(late, "strategy 'step_in_backward' steps in every backward, so it cannot accumulate")
     assert not (tmp_path / "late").exists()
     assert snapshot(first) == before and (first / "memory_report.json").exists() and (first / ".hydra").is_dir()
 

@@ -102,3 +102,30 @@ def test_recompute_inputs_are_known_while_the_checkpointed_call_runs():
             assert is_recompute_input(kept) and is_recompute_input(other)
         assert not is_recompute_input(other)
     assert not is_recompute_input(kept)
+
+
+class Gram(nn.Module):
+    """``h @ h.T``: matmul saves ``h`` and its transpose, two views of one memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h @ h.t()
+
+
+def test_views_of_one_memory_are_packed_once_and_each_restored_as_its_view():
+    torch.manual_seed(0)
+    model, x = Gram(), torch.randn(8, 16)
+    reference = copy.deepcopy(model)
+    packed = []
+    stage = CloneStage()
+    stage.pack = lambda tensor: packed.append(tensor.shape) or tensor.clone()  # a copy: restored from its memory
+    install_pipeline(model).append(stage)
+    model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    assert len(packed) == 2  # x (by the linear) and h (once, for both of matmul's views)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)

@@ -122,8 +122,8 @@ def test_budget_outside_unit_interval_is_a_one_line_error(budget):
         apply_strategies(TinyResNet(), {"selective_checkpoint": {"memory_budget": budget}})
 
 
-def test_combined_with_checkpoint_is_refused():
-    with pytest.raises(StrategyError, match="cannot be combined"):
+def test_checkpoint_on_the_same_blocks_is_refused():
+    with pytest.raises(StrategyError, match="'selective_checkpoint' cannot rebuild its forward, 'checkpoint' already does"):
         apply_strategies(TinyResNet(), ["checkpoint", "selective_checkpoint"])
 
 

@@ -126,3 +126,47 @@ def test_compress_keeps_the_input_gradient_direction(arch, bits, bound):
     spec = {"compress": {**STRATEGY_SETTINGS["compress"]["options"], "bits": bits}}
     cosine = conformance.input_gradient_cosine(spec, ZOO[arch])
     assert cosine >= bound, cosine
+
+
+# Through the trainer, loop hooks included (configure_optimizer, callbacks, select_samples): options under
+# which each strategy acts within the few steps, and what it must show for it besides the loss.
+TRAIN = ("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=8",
+         "data.num_samples=64", "trainer.max_steps=3", "optimizer=adamw", "optimizer.lr=0.003")
+TRAIN_OPTIONS = {"skip_backward": {"warmup_steps": 1, "max_grad_error": 0.5}}
+LOOP_EFFECTS = {
+    "step_in_backward": lambda report, plain: report["grad_bytes"] == 0 < plain["grad_bytes"],
+    "skip_backward": lambda report, plain: report["strategy_report"]["skip_backward"]["skipped_share"] > 0,
+}
+
+
+def trained(name: str, run_dir) -> tuple[list[float], dict]:
+    import csv
+
+    from lowmem_train.training import train
+
+    options = {**STRATEGY_SETTINGS[name]["options"], **TRAIN_OPTIONS.get(name, {})}
+    report = train(compose_config(*TRAIN, f"strategy={name}", *(f"strategy.{name}.{k}={v}" for k, v in options.items()),
+                                  run_dir=run_dir))
+    with open(run_dir / "memory.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)], report
+
+
+@pytest.fixture(scope="module")
+def plain_training(tmp_path_factory):
+    return trained("none", tmp_path_factory.mktemp("none"))
+
+
+@pytest.mark.parametrize("name", [n for n in available_strategies() if n != "none"])
+def test_every_strategy_trains_through_the_trainer(name, plain_training, tmp_path):
+    losses, report = trained(name, tmp_path)
+    plain_losses, plain = plain_training
+    settings, strategy = STRATEGY_SETTINGS[name], get_strategy_class(name)
+    assert len(losses) == len(plain_losses) and all(map(torch.isfinite, torch.tensor(losses)))
+    if strategy.exact and not settings.get("adapter"):
+        assert losses == pytest.approx(plain_losses, rel=1e-4)
+    elif settings.get("min_grad_cosine"):
+        assert losses[-1] == pytest.approx(plain_losses[-1], rel=0.05)
+    if settings.get("saves_activations"):
+        assert report["activation_bytes"] < plain["activation_bytes"]
+    if name in LOOP_EFFECTS:
+        assert LOOP_EFFECTS[name](report, plain), report

@@ -1,0 +1,41 @@
+"""The multiple-choice knapsack that memory decisions share: one option per item (store or recompute an
+operator's output; 1, 2, 4 or 8 bits for a tensor class; a strategy per block), the least summed loss
+(time, gradient variance) within a byte budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def in_units(costs: Sequence[Sequence[float]], budget: float, resolution: int = 4096) -> tuple[list[list[int]], int]:
+    """Costs and budget in whole units of ``budget / resolution``, costs rounded up: a choice that fits in
+    units fits in the original figures."""
+    unit = budget / resolution if budget > 0 else 1.0
+    return [[math.ceil(c / unit - 1e-9) for c in item] for item in costs], resolution if budget > 0 else 0
+
+
+def choose_one_each(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], budget: int) -> list[int] | None:
+    """For each item the index of one option, so that the summed integer cost is <= ``budget`` and the summed
+    loss is least (dynamic programming, O(items x options x budget)); None when no choice fits."""
+    best = torch.full((budget + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for cost, loss in zip(costs, losses):
+        options = torch.full((len(cost), budget + 1), math.inf, dtype=torch.float64)
+        for i, (c, value) in enumerate(zip(cost, loss)):
+            if c <= budget:
+                options[i, c:] = best[: budget + 1 - c] + value
+        best, pick = options.min(dim=0)
+        picks.append(pick)
+    if not torch.isfinite(best).any():
+        return None
+    used = int(best.argmin())
+    choice = []
+    for cost, pick in zip(reversed(costs), reversed(picks)):
+        index = int(pick[used])
+        choice.append(index)
+        used -= cost[index]
+    return choice[::-1]
