@@ -197,6 +197,9 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
         if parent == "trainer":
             valid = ", ".join(trainer_parameters())
         return f"unknown option '{key}'; valid keys under {parent or 'the top level'}: {valid}"
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):  # e.g. a list item
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     return one_line(exc)
 
 
