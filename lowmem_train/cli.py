@@ -33,19 +33,27 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config_store import register_configs
 from .errors import ConfigError, LowmemError, one_line
 from .training import train, trainer_parameters, validate_config
+from .validation import schema_problem
 
 CONFIG_DIR = Path(str(files("lowmem_train.configs")))
 CONFIG_NAME = "train"
 MULTI_CHOICE_GROUPS = ("strategy",)  # the other config groups take one choice each
 # The directory this process claimed for its run (or sweep) and whether it created it.
 claimed: dict[str, Path | bool] = {}
+register_configs()  # the strategy options and group schemas, before anything composes (tests and scripts too)
 
 
 def config_groups() -> dict[str, list[str]]:
-    return {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in CONFIG_DIR.iterdir() if d.is_dir()
-            and any(d.glob("*.yaml"))}
+    """Every config group and its choices, yaml files and ConfigStore schemas alike (Hydra's own listing)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return {group: sorted(loader.get_group_options(group)) for group in loader.list_groups("") if group != "hydra"}
 
 
 def override_values(override) -> list[str]:
@@ -165,6 +173,11 @@ def compose(overrides: list[str]) -> DictConfig:
 
 
 def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
+    """One line naming the bad key and what is valid: from the schema of a dataclass node (strategy options,
+    data, model, optimizer), else from the composed config around the key (trainer, the top level)."""
+    problem = schema_problem(exc)
+    if problem is not None:
+        return problem.message()
     message = str(exc)
     if "Could not override" in message or "not in struct" in message:
         key = message.split("'")[1]
@@ -174,13 +187,19 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
             from hydra import compose as hydra_compose
 
             root = hydra_compose(CONFIG_NAME, overrides=remaining)
-            node = OmegaConf.select(root, parent) if parent else root
         except (HydraException, OmegaConfBaseException):
-            node = None
-        valid = ", ".join(k for k in node.keys() if k != "hydra") if isinstance(node, DictConfig) else "see README"
+            return f"unknown option '{key}'; see README"
+        node = OmegaConf.select(root, parent) if parent else root
+        while not isinstance(node, DictConfig):  # strategy.none.x without strategy none: name strategy's keys
+            parent = parent.rpartition(".")[0]
+            node = OmegaConf.select(root, parent) if parent else root
+        valid = ", ".join(k for k in node.keys() if k != "hydra")
         if parent == "trainer":
             valid = ", ".join(trainer_parameters())
         return f"unknown option '{key}'; valid keys under {parent or 'the top level'}: {valid}"
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):  # e.g. a list item
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     return one_line(exc)
 
 

@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from .errors import ConfigError
 
 def check_data_config(data: DictConfig) -> None:
-    """The counts and sizes a data config holds are integers >= 1 (``num_workers`` >= 0, ``image_size`` and
-    ``num_proc`` may be null)."""
+    """The counts and sizes a data config holds are >= 1 (``num_workers`` >= 0, ``num_proc`` may be null); their
+    types are the data schema's (``lowmem_train/configs/groups.py``)."""
     for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers", "num_proc"):
-        if key not in data or (key in ("image_size", "num_proc") and data[key] is None):
+        if key not in data or (key == "num_proc" and data[key] is None):
             continue
         value, least = data[key], 0 if key == "num_workers" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -16,8 +16,6 @@ It overrides only the hooks it needs:
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,13 +25,14 @@ from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from .errors import StrategyError
+from .errors import StrategyError, one_line
 from .forward_wrap import Phase, phase_clash, wrapper_owner
 from .recipe import StepOutput
 from .saved_tensors import SavedTensorStage, add_stage
-from .validation import coerce
+from .validation import schema_problem
 
 ENTRY_POINT_GROUP = "lowmem_train.strategies"
 LOOP_HOOKS = ("configure_optimizer", "callbacks", "select_samples")  # what a plain PyTorch loop must call itself
@@ -102,28 +101,25 @@ class Strategy:
 
 
 def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]):
-    """Typed options from a mapping, with one-line errors for unknown keys and wrong types."""
-    if isinstance(options, DictConfig):
-        options = OmegaConf.to_container(options, resolve=True)
-    if not isinstance(options, Mapping):
+    """Typed options: ``options`` merged onto the ``Options`` dataclass by OmegaConf, the schema Hydra composes
+    ``strategy.<name>`` with, so a plain loop and the command line refuse the same keys and values in one line;
+    then the Options' own range checks (``validate``)."""
+    if not isinstance(options, (Mapping, DictConfig)):
         raise StrategyError(f"strategy '{strategy}': options must be a mapping, got {options!r}")
-    fields = {f.name: f for f in dataclasses.fields(options_class)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise StrategyError(
-            f"strategy '{strategy}': unknown option '{unknown[0]}'; valid options: {', '.join(fields) or 'none'}"
-        )
-    hints = typing.get_type_hints(options_class)
-    values = {}
-    for key, value in options.items():
-        try:
-            values[key] = coerce(value, hints[key])
-        except TypeError as exc:
-            raise StrategyError(f"strategy '{strategy}': option '{key}' {exc}") from None
-    options = options_class(**values)
-    if hasattr(options, "validate"):
-        options.validate(strategy)
-    return options
+    try:
+        parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(options_class), options))
+    except OmegaConfBaseException as exc:
+        problem = schema_problem(exc)
+        if problem is None:
+            raise StrategyError(f"strategy '{strategy}': {one_line(exc)}") from None
+        key = problem.key.rpartition(".")[2]
+        if problem.valid is not None:
+            raise StrategyError(f"strategy '{strategy}': unknown option '{key}'; valid options: "
+                                f"{', '.join(problem.valid) or 'none'}") from None
+        raise StrategyError(f"strategy '{strategy}': option '{key}' {problem.expected}") from None
+    if hasattr(parsed, "validate"):
+        parsed.validate(strategy)
+    return parsed
 
 
 @cache

@@ -38,7 +38,7 @@ from .run_control import RunControl, RunStopped
 from .saved_tensors import SavedBytesMeter
 from .strategy import Strategy, apply_built, build_strategies, plan_strategies
 from .undisturbed import undisturbed
-from .validation import coerce
+from .validation import coerce, unknown_keys
 
 # Files a run writes into its run directory; a run_dir that holds any of them belongs to an earlier run.
 RUN_FILES = ("memory.csv", "memory_report.json", "memory_curve.png", "strategies.json", "checkpoints", "csv", "wandb")
@@ -145,7 +145,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_name: str):
     if is_wandb(cfg) and not cfg.logger.get("name"):
         kwargs["name"] = run_name
     logger = instantiate(cfg.logger, **kwargs)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     return logger
 
 
@@ -267,6 +267,9 @@ def check_optimizer(cfg: DictConfig):
 
 def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     """Everything that can be checked without building the model or reading data; raises LowmemError."""
+    unknown = unknown_keys(cfg)
+    if unknown is not None:
+        raise ConfigError(unknown.message())
     missing = missing_keys(cfg)
     if missing:
         raise ConfigError(f"{missing[0]} is required (it is ??? in the config); set it: {missing[0]}=...")

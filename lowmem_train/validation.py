@@ -1,11 +1,69 @@
-"""Checking config values against type hints, so a wrong type fails early with the key's name."""
+"""Checking config values against types: dataclass schemas (through OmegaConf) and type hints (``coerce``,
+for lightning.Trainer's keywords and the top-level keys), so a wrong key or value fails early, by name."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import inspect
 import types
 import typing
-from typing import Any
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class SchemaProblem(NamedTuple):
+    """What OmegaConf refused on a dataclass-typed node: an unknown key (``valid`` lists the schema's keys)
+    or a value of the wrong type (``expected`` says what it must be)."""
+
+    key: str  # the full dotted key, e.g. strategy.compress.bits
+    valid: list[str] | None = None
+    expected: str | None = None
+
+    def message(self) -> str:
+        """The command line's wording: the bad key and what is valid."""
+        if self.valid is not None:
+            parent = self.key.rpartition(".")[0] or "the top level"
+            return f"unknown option '{self.key}'; valid keys under {parent}: {', '.join(self.valid) or 'none'}"
+        return f"{self.key} {self.expected}"
+
+
+def schema_problem(exc: BaseException) -> SchemaProblem | None:
+    """The first error in ``exc``'s cause chain that OmegaConf raised on a dataclass node, as a SchemaProblem;
+    None when there is none (the caller keeps the original message)."""
+    while exc is not None:
+        schema, key = getattr(exc, "object_type", None), getattr(exc, "key", None)
+        if isinstance(exc, OmegaConfBaseException) and dataclasses.is_dataclass(schema) and isinstance(key, str):
+            full_key = exc.full_key or key
+            fields = [f.name for f in dataclasses.fields(schema)]
+            if key not in fields:
+                return SchemaProblem(full_key, valid=fields)
+            hint = typing.get_type_hints(schema)[key]
+            return SchemaProblem(full_key, expected=f"must be {describe(hint)}, got {getattr(exc, 'value', None)!r}")
+        exc = exc.__cause__
+    return None
+
+
+def unknown_keys(node: Any, prefix: str = "") -> SchemaProblem | None:
+    """The first key of a composed config that its dataclass schema does not declare. Hydra's ``+key=value``
+    forces a key even into a dataclass node; this finds it. Interpolations and ``???`` are not followed."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        extra = [str(key) for key in node.keys() if key not in fields]
+        if extra:
+            return SchemaProblem(prefix + extra[0], valid=fields)
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):
+            problem = unknown_keys(child, f"{prefix}{key}.")
+            if problem:
+                return problem
+    return None
 
 
 def coerce(value: Any, hint: Any) -> Any:
@@ -50,4 +108,6 @@ def describe(hint: Any) -> str:
         return " or ".join(describe(a) for a in args)
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(map(repr, args))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(member.name for member in hint)
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

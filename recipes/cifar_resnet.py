@@ -50,7 +50,7 @@ class CifarResNet(ImageClassification):
         elif data.name == "cifar10":
             train, val = cifar10_datasets(data)
         else:
-            train = synthetic_images(int(data.num_samples), int(data.image_size or 32), int(self.model_cfg.num_classes),
+            train = synthetic_images(int(data.num_samples), int(data.image_size), int(self.model_cfg.num_classes),
                                      int(data.seed))
             val = None
         return make_loader(train, data, train=True), None if val is None else make_loader(val, data, train=False)

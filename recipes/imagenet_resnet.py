@@ -33,7 +33,7 @@ class ImageNetResNet(ImageClassification):
 
     def build_dataloaders(self):
         data = self.data_cfg
-        size = int(data.image_size or 224)
+        size = int(data.image_size)
         if data.name == "synthetic":
             train = synthetic_images(int(data.num_samples), size, int(self.model_cfg.num_classes), int(data.seed))
             return make_loader(train, data, train=True), None

@@ -31,12 +31,6 @@ class LlamaFinetune(Recipe):
     name = "llama_finetune"
     data_sources = ("instruct", "text", "synthetic")
     validation_metric = "val/loss"
-    dtypes = ("float32", "bfloat16", "float16")
-
-    def __init__(self, model, data):
-        super().__init__(model, data)
-        if (model.get("dtype") or "float32") not in self.dtypes:
-            raise ConfigError(f"model.dtype={model.get('dtype')} is not a weights dtype; valid: {', '.join(self.dtypes)}")
 
     def build_model(self) -> nn.Module:
         causal_lm = self.build_causal_lm()
@@ -49,7 +43,8 @@ class LlamaFinetune(Recipe):
         from transformers import AutoModelForCausalLM
 
         path = self.model_cfg.get("name_or_path")
-        dtype = getattr(torch, self.model_cfg.get("dtype") or "float32")
+        dtype = self.model_cfg.get("dtype") or "float32"  # a Dtype of the model schema (its valid choices)
+        dtype = getattr(torch, getattr(dtype, "value", dtype))
         if path:
             offline = not is_local(path) and not hub_reachable()
             try:

@@ -520,6 +520,20 @@ def trace_norm_outputs(model: nn.Module, norms: dict[str, nn.Module]) -> dict[st
 
 @dataclass
 class ApproxBPOptions:
+    """Approximate + memory-sharing backprop (ReGELU2/ReSiLU2, MS-LayerNorm/MS-RMSNorm), exact forward.
+
+    ``activations``: GELU/SiLU save a 2-bit derivative code per element (16x less than fp32), approximate
+    gradient. ``norms``: LayerNorm/RMSNorm read only by linears store their output once, shared with those
+    linears; exact. ``targets``: null, the whole model; otherwise class names or regexes on module names of
+    the subtrees to convert. ``exclude``: same pattern syntax; these subtrees stay as they are (a norm whose
+    reader is excluded too)::
+
+        lowmem-train recipe=llama_finetune strategy=approx_bp
+        lowmem-train recipe=llama_finetune strategy=approx_bp strategy.approx_bp.norms=false
+        lowmem-train recipe=llama_finetune 'strategy=[approx_bp,checkpoint]'
+        lowmem-train recipe=llama_finetune strategy=approx_bp dry_run=true   # what is converted, and why not
+    """
+
     activations: bool = True  # 2-bit step derivatives on GELU and SiLU modules
     derivative: str = "fitted"  # fitted: levels fitted to the derivative; paper: ReGELU2 / ReSiLU2 as published
     norms: bool = True  # MS-LayerNorm / MS-RMSNorm where only linear layers read the norm's output

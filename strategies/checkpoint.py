@@ -23,6 +23,16 @@ from lowmem_train.recompute import checkpointed_call, without_kv_cache
 
 @dataclass
 class CheckpointOptions:
+    """Activation checkpointing of repeated blocks.
+
+    ``targets``: null, every block that repeats in a ModuleList/Sequential (ResNet blocks, transformer
+    layers); otherwise a list of class names (BasicBlock, LlamaDecoderLayer) or regexes on module names.
+    ``exclude``: same pattern syntax; removed from the targets::
+
+        lowmem-train strategy=checkpoint
+        lowmem-train strategy=checkpoint 'strategy.checkpoint.targets=[BasicBlock]' 'strategy.checkpoint.exclude=[layer1.*]'
+    """
+
     targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
     exclude: list[str] = field(default_factory=list)
 

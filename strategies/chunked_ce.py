@@ -27,6 +27,14 @@ from lowmem_train.causal_lm import (IGNORE_INDEX, LogitSettings, LossHeadOutput,
 
 @dataclass
 class ChunkedCEOptions:
+    """Causal-LM loss from the last hidden states in chunks of tokens (no batch x seq x vocab logits).
+
+    ``chunk_size``: tokens per chunk; the loss holds at most chunk_size x vocab fp32 logits at a time.
+    ``native``: torch.nn.functional.linear_cross_entropy where torch has it and the logits are not soft-capped::
+
+        lowmem-train recipe=llama_finetune strategy=chunked_ce strategy.chunked_ce.chunk_size=2048
+    """
+
     chunk_size: int = 4096   # tokens per chunk: peak of the loss is chunk_size x vocab fp32 values
     native: bool = True      # torch.nn.functional.linear_cross_entropy where it exists (and no soft-cap)
 

@@ -45,6 +45,19 @@ COUNTERS = {  # report key: (torch._dynamo counters group, counter or None for t
 
 @dataclass
 class CompileOptions:
+    """torch.compile with an on-disk cache next to the run directory, reused by the next run of the same recipe.
+
+    ``scope``: blocks (each repeated block on its own; identical blocks share one graph) or model (one
+    graph). ``backend``: only inductor keeps compiled code on disk; aot_eager compiles fast, for debugging.
+    ``mode``: null (default), reduce-overhead, max-autotune, max-autotune-no-cudagraphs. ``dynamic``: null,
+    torch decides; true: compile for dynamic shapes from the start. ``fullgraph``: true makes a graph break
+    an error instead of an eager fallback. ``cache_dir``: null, <run dir>/../compile_cache::
+
+        lowmem-train strategy=compile
+        lowmem-train 'strategy=[checkpoint,compile]'
+        lowmem-train strategy=compile strategy.compile.scope=model strategy.compile.mode=max-autotune
+    """
+
     scope: str = "blocks"           # blocks: each repeated block (or targets) on its own; model: the whole model
     targets: Optional[list[str]] = None  # with scope=blocks: class names / name regexes; None: repeated blocks
     exclude: list[str] = field(default_factory=list)

@@ -68,6 +68,27 @@ META_BYTES = 4  # per group: bf16 minimum + bf16 step
 
 @dataclass
 class CompressOptions:
+    """Compressed saved activations (exact forward, low-bit copies for backward, 1-bit ReLU/dropout masks).
+
+    ``bits``: 2, 4 or 8 bits per saved value (adaptive: the average); 2 bits ~ 12-15x less than fp32.
+    ``group_size``: values sharing one bf16 min/step (power of two, 16..4096): smaller = finer, more
+    overhead. ``layers``: kinds of layer whose saved tensors shrink: conv, linear, norm, activation, dropout,
+    pool, attention, other (containers' own ops, e.g. the MLP's element-wise product), top (the root's own
+    ops, e.g. the loss). ``targets``: the subtrees whose saved tensors shrink (null: the whole model).
+    ``exclude``: subtrees that keep exact saved tensors, e.g. [fc, lm_head] (patterns: class names, module
+    names or dotted suffixes, regexes). ``min_numel``: saved tensors with fewer values are kept as they are. ``outliers``:
+    values per group kept exact below 8 bits (pretrained transformers' huge activations). ``adaptive``:
+    per-class bits (1/2/4/8) from measured gradient sensitivity, averaging ``bits``. ``adapt_every``:
+    optimizer steps between two calibrations (adaptive, Lightning callback). ``seed``: compress's own
+    stochastic-rounding generator (the model's RNG is untouched)::
+
+        lowmem-train strategy=compress strategy.compress.bits=2
+        lowmem-train strategy=compress strategy.compress.bits=4 'strategy.compress.exclude=[fc]'
+        lowmem-train recipe=llama_finetune strategy=compress strategy.compress.adaptive=true
+        lowmem-train 'strategy=[compress,checkpoint]'   # compress the block inputs checkpointing keeps
+        lowmem-train recipe=llama_finetune strategy=compress 'strategy.compress.targets=[lm_head]'
+    """
+
     bits: int = 2  # 2, 4 or 8; in adaptive mode the average over all quantised values
     group_size: int = 256  # values per min/step group: a power of two in [16, 4096]
     layers: list[str] = field(default_factory=lambda: list(KINDS))  # kinds of layer whose saves shrink

@@ -39,6 +39,21 @@ ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
 
 @dataclass
 class LoraOptions:
+    """LoRA / DoRA / QLoRA (PEFT): frozen base weights, trainable low-rank adapters.
+
+    Adapters are saved in PEFT format to <run_dir>/adapter at the end of the run. ``r``: adapter rank.
+    ``alpha``: the update B A is scaled by alpha / r. ``dropout``: dropout on the adapter's input.
+    ``target_modules``: null, every Linear inside the repeated blocks; else class names or name regexes.
+    ``use_dora``: DoRA, a trainable magnitude per output row times the normalised adapted weight.
+    ``quantize``: frozen base weights none | nf4 (QLoRA, 4-bit NormalFloat) | int8 (LLM.int8), bitsandbytes.
+    ``seed``: the adapters' initialisation has its own generator (the model's RNG stream is untouched).
+    ``save_merged``: also write <run_dir>/merged, base + adapters merged, a plain Hugging Face model::
+
+        lowmem-train recipe=llama_finetune strategy=[lora,checkpoint,chunked_ce]
+        lowmem-train recipe=llama_finetune strategy=lora strategy.lora.quantize=nf4     # QLoRA
+        lowmem-train recipe=llama_finetune strategy=lora strategy.lora.use_dora=true    # DoRA
+    """
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

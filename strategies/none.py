@@ -1,4 +1,7 @@
-"""Plain backprop: the baseline every other strategy is measured against."""
+"""Plain backprop: the baseline every other strategy is measured against (no options).
+
+    lowmem-train strategy=none
+"""
 
 from lowmem_train import Strategy
 

@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OffloadOptions:
+    """Offload saved activations to pinned CPU memory during the forward, bring them back for the backward.
+
+    On a CPU-only run it is a no-op (activations already live in host memory); a log line says so.
+    ``min_bytes``: tensors smaller than this stay on the GPU (the copy would cost more than it frees).
+    ``pin_memory``: pinned host buffers allow asynchronous copies that overlap with compute. ``targets`` /
+    ``exclude``: only the saves of these subtrees move / these subtrees' saves stay (null / []: all move)::
+
+        lowmem-train strategy=offload trainer.accelerator=gpu
+        lowmem-train 'strategy=[checkpoint,offload]'      # offload only the checkpointed block inputs
+        lowmem-train strategy=offload trainer.accelerator=gpu 'strategy.offload.targets=[layers.0,layers.1]'
+    """
+
     min_bytes: int = 1024  # smaller tensors stay on the GPU: their copy costs more than it frees
     pin_memory: bool = True  # pinned host buffers: asynchronous copies, overlapped with compute
     targets: Optional[list[str]] = None  # subtrees whose saved tensors move (class names / names / regexes); None: all

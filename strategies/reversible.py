@@ -38,6 +38,18 @@ from lowmem_train.undisturbed import example_inputs, undisturbed
 
 @dataclass
 class ReversibleOptions:
+    """Reversible (RevNet two-stream) residual stacks, activation memory flat in depth.
+
+    Changes the architecture, so for models trained from scratch (a model loaded with from_pretrained is
+    refused). ``targets``: null, every block that repeats in a ModuleList/Sequential; shape-changing blocks
+    (downsample) are skipped. ``exclude``: same pattern syntax; removed from the targets.
+    ``drift_check_every``: every N steps store the true block inputs and compare the rebuilt ones; 0: never.
+    ``drift_tolerance``: relative reconstruction error above which it warns and stores activations from then on::
+
+        lowmem-train strategy=reversible
+        lowmem-train strategy=reversible strategy.reversible.drift_check_every=10
+    """
+
     targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
     exclude: list[str] = field(default_factory=list)
     drift_check_every: int = 100  # steps between reconstruction checks (the first step is always checked); 0: never

@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SelectiveCheckpointOptions:
+    """Selective activation checkpointing: per operator, store or recompute, under a memory budget.
+
+    ``targets``: null, every block that repeats in a ModuleList/Sequential (ResNet blocks, transformer
+    layers); otherwise a list of class names (BasicBlock, LlamaDecoderLayer) or regexes on module names.
+    ``exclude``: same pattern syntax; removed from the targets. ``memory_budget``: per block, what is stored
+    (block inputs + chosen operator outputs) stays within this fraction of the bytes plain backprop saves for
+    the block; in (0, 1]. Smaller: less memory, more recompute::
+
+        lowmem-train strategy=selective_checkpoint strategy.selective_checkpoint.memory_budget=0.3
+    """
+
     targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
     exclude: list[str] = field(default_factory=list)
     memory_budget: float = 0.5  # the model stores <= this fraction of the activation bytes of `none`

@@ -36,6 +36,19 @@ SELECTIONS = ("confidence", "random")
 
 @dataclass
 class SkipBackwardOptions:
+    """Leave confident samples out of the backward; the threshold adapts to a gradient-error bound.
+
+    ``criterion``: margin (top-1 minus top-2 probability) or top1 (top-1 probability). ``max_grad_error``:
+    share of the logit-gradient norm skipped samples may carry, in (0, 1). ``max_skip``: at most this share of
+    recent samples skipped, in [0, 1). ``warmup_steps``: optimizer steps of full backprop first. ``window``:
+    recent samples the threshold is computed from. ``selection``: confidence, or random (as many random
+    samples as the confidence rule would skip). ``seed``: generator of the random selection (the model's RNG
+    stream is untouched)::
+
+        lowmem-train strategy=skip_backward
+        lowmem-train strategy=skip_backward strategy.skip_backward.selection=random   # random baseline, same share
+    """
+
     criterion: str = "margin"        # margin: top-1 minus top-2 probability; top1: top-1 probability
     max_grad_error: float = 0.1      # share of the logit-gradient norm the skipped samples may carry, in (0, 1)
     max_skip: float = 0.9            # never skip more than this share of the window or a batch, in [0, 1)

@@ -8,6 +8,9 @@ parameters still being back-propagated are alive (peak gradient memory: a few pa
 Exact for element-wise optimizers (SGD, AdamW and their quantized forms): the update equals the stepped-
 after-backward one. It cannot accumulate gradients over micro-batches (the step happens in every backward)
 and global-norm gradient clipping is impossible (no moment sees all gradients): both are refused.
+No options:
+
+    lowmem-train recipe=llama_finetune strategy=step_in_backward optimizer=adamw8bit
 """
 
 from __future__ import annotations

@@ -33,6 +33,16 @@ DEFAULT_LAYERS = ("v_proj", "down_proj", "qkv", "fc2")
 
 @dataclass
 class VeloraOptions:
+    """VeLoRA: chosen linear layers keep one scalar per sub-token of their input for the weight gradient.
+
+    ``targets``: null, v_proj/down_proj (Llama), qkv/fc2 (ViT), or their PEFT lora_A adapters; otherwise
+    class names or regexes. ``groups``: sub-tokens per token; every target's input width must be divisible by
+    it. ``init``: first_batch (normalised mean sub-token, then frozen) or batch_average (every batch)::
+
+        lowmem-train recipe=llama_finetune strategy=velora
+        lowmem-train recipe=llama_finetune model=llama_tiny data=synthetic strategy=velora strategy.velora.groups=16
+    """
+
     targets: Optional[list[str]] = None  # class names / name regexes of nn.Linear modules; None: DEFAULT_LAYERS
     exclude: list[str] = field(default_factory=list)
     groups: int = 64                     # sub-tokens per token: the layer's input width must be divisible by it

@@ -59,6 +59,10 @@ def test_multirun_writes_one_directory_and_one_wandb_run_per_job(tmp_path):
     (["recipe=bar"], "unknown recipe 'bar'; valid choices: cifar_resnet, imagenet_resnet, llama_finetune"),
     (["strategy=checkpoint", "strategy.checkpoint.bogus=1"], "unknown option 'strategy.checkpoint.bogus'; valid keys under strategy.checkpoint: targets, exclude"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs must be int or null, got 'abc'"),
+    (["strategy=compress", "strategy.compress.bits=abc"], "strategy.compress.bits must be int, got 'abc'"),
+    (["+data.anything=1"], "unknown option 'data.anything'; valid keys under data: name, image_size, batch_size"),
+    (["recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "model.dtype=bf16"],
+     "model.dtype must be one of float32, bfloat16, float16, got 'bf16'"),
     (["recipe=imagenet_resnet"], "data.root is required"),
     (["-m", "strategy=none,nope"], "unknown strategy 'nope'"),
     (["data=cifar10", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent has no cifar-10-batches-py"),
@@ -116,5 +120,6 @@ def test_installed_wheel_finds_its_configs_and_strategies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"PACKAGE {target}" in result.stdout
     assert "strategy checkpoint: 8 module(s)" in result.stdout
-    assert (target / "lowmem_train" / "configs" / "strategy" / "checkpoint.yaml").exists()
+    assert (target / "lowmem_train" / "configs" / "train.yaml").exists()
+    assert (target / "lowmem_train" / "configs" / "groups.py").exists()  # the group schemas (ConfigStore)
     assert (target / "bin" / "lowmem-train").exists()

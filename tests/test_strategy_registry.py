@@ -14,7 +14,6 @@ import conformance
 from conftest import compose_config
 from conformance import PAIRS, check
 from lowmem_train import available_strategies, get_strategy_class
-from lowmem_train.cli import CONFIG_DIR
 from strategy_settings import STRATEGY_SETTINGS
 from zoo import ZOO
 
@@ -61,10 +60,10 @@ def cases():
 @pytest.mark.parametrize("name", available_strategies())
 def test_strategy_has_settings_and_config(name):
     assert name in STRATEGY_SETTINGS, f"strategy '{name}' has no entry in tests/strategy_settings.py"
-    assert (CONFIG_DIR / "strategy" / f"{name}.yaml").exists(), f"no configs/strategy/{name}.yaml"
-    cfg = compose_config(f"strategy={name}")
+    cfg = compose_config(f"strategy={name}")  # its Options dataclass, from the ConfigStore
     assert list(cfg.strategy) == [name]
-    get_strategy_class(name)(cfg.strategy[name])  # the shipped options are valid
+    strategy = get_strategy_class(name)(cfg.strategy[name])  # the shipped options are valid
+    assert strategy.options == get_strategy_class(name).Options()  # the config's defaults are the dataclass's
 
 
 def test_zoo_has_the_promised_architectures():
