@@ -16,7 +16,7 @@ import os
 import typing
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -301,6 +301,57 @@ def format_plan(plans) -> str:
     return "\n".join(lines)
 
 
+def fit(trainer: L.Trainer, module: TrainingModule, train_loader, val_loader, ckpt_path):
+    """Train, then validate unless stopped early: (the RunStopped or None, validation metrics)."""
+    stopped = None
+    try:
+        with warnings.catch_warnings():
+            if module.run_control.sampler is not None:  # EpochShuffle + RunControl resume mid-epoch exactly
+                warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before")
+            trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    except RunStopped as stop:
+        stopped = stop
+    validation = {}
+    if val_loader is not None and stopped is None:
+        (metrics,) = trainer.validate(module, val_loader, verbose=False)
+        validation = {k: float(v) for k, v in metrics.items()}
+    return stopped, validation
+
+
+def run_report(module: TrainingModule, touched, monitor: MemoryMonitor, validation: dict, stopped, run_dir: Path):
+    """The run's summary (``memory_report.json``), from what the module, monitor and strategies measured."""
+    recipe = module.recipe
+    return {
+        "strategies": [s.name for s in module.strategies] or ["none"],
+        "recipe": recipe.name,
+        "model": type(module.model).__name__,
+        **summarize(monitor.rows, device=module.device),
+        "validation_metric": recipe.validation_metric if validation else None,
+        "validation_metric_value": validation.get(recipe.validation_metric),
+        "validation": validation,
+        "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
+        "strategy_report": {s.name: figures for s in module.strategies if (figures := s.report())},
+        "data": recipe.data_report(),
+        "nonfinite_skipped_steps": module.run_control.skipped_steps,
+        "stopped": None if stopped is None else {
+            "reason": stopped.reason, "step": stopped.step, "exit_code": stopped.exit_code,
+            "checkpoint": str(stopped.checkpoint)},
+        "run_dir": str(run_dir),
+    }
+
+
+def write_run_files(report: dict, run_dir: Path, touched, monitor: MemoryMonitor) -> None:
+    """strategies.json, the plot and memory_report.json (whose ``files`` lists them)."""
+    (run_dir / "strategies.json").write_text(json.dumps(
+        {name: [{**asdict(t), "phase": t.phase.name if t.phase else None} for t in plan]
+         for name, plan in touched.items()}, indent=2) + "\n")
+    plot = plot_curve(monitor.rows, run_dir, f"{report['recipe']}, strategy={'+'.join(report['strategies'])}")
+    report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json"]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        report["files"].append("checkpoints/last.ckpt")
+    write_report(report, run_dir)
+
+
 def train(cfg: DictConfig) -> dict | None:
     """Run one training job; returns the memory report (None for a dry run and on DDP ranks other than 0).
 
@@ -336,47 +387,14 @@ def train(cfg: DictConfig) -> dict | None:
     # RunControl writes the checkpoints (see run_control.py for why not Lightning's ModelCheckpoint)
     trainer = L.Trainer(**{**trainer_kwargs(cfg), "enable_checkpointing": False}, logger=logger, callbacks=callbacks,
                         default_root_dir=str(run_dir))
-    stopped = None
     try:
-        try:
-            with warnings.catch_warnings():
-                if run_control.sampler is not None:  # EpochShuffle + RunControl resume mid-epoch exactly
-                    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before")
-                trainer.fit(module, train_loader, val_loader, ckpt_path=settings.ckpt_path)
-        except RunStopped as stop:
-            stopped = stop
-        validation = {}
-        if val_loader is not None and stopped is None:
-            (metrics,) = trainer.validate(module, val_loader, verbose=False)
-            validation = {k: float(v) for k, v in metrics.items()}
+        stopped, validation = fit(trainer, module, train_loader, val_loader, settings.ckpt_path)
         if not monitor.rows:
             raise ConfigError("no training step ran: check trainer.max_steps / trainer.max_epochs and the data size")
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
-        report = {
-            "strategies": names,
-            "recipe": recipe.name,
-            "model": type(model).__name__,
-            **summarize(monitor.rows, device=module.device),
-            "validation_metric": recipe.validation_metric if validation else None,
-            "validation_metric_value": validation.get(recipe.validation_metric),
-            "validation": validation,
-            "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
-            "strategy_report": {s.name: figures for s in strategies if (figures := s.report())},
-            "data": recipe.data_report(),
-            "nonfinite_skipped_steps": run_control.skipped_steps,
-            "stopped": None if stopped is None else {
-                "reason": stopped.reason, "step": stopped.step, "exit_code": stopped.exit_code,
-                "checkpoint": str(stopped.checkpoint)},
-            "run_dir": str(run_dir),
-        }
-        (run_dir / "strategies.json").write_text(json.dumps(
-            {name: [t.__dict__ for t in plan] for name, plan in touched.items()}, indent=2) + "\n")
-        plot = plot_curve(monitor.rows, run_dir, f"{recipe.name}, strategy={'+'.join(names)}")
-        report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json"]
-        if (run_dir / "checkpoints" / "last.ckpt").exists():
-            report["files"].append("checkpoints/last.ckpt")
-        write_report(report, run_dir)
+        report = run_report(module, touched, monitor, validation, stopped, run_dir)
+        write_run_files(report, run_dir, touched, monitor)
         print(format_report(report))
         return report
     finally:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+
+from lowmem_train.configs.groups import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB, MIB = 2**30, 2**20
@@ -63,9 +64,9 @@ class Shape:
 
     @classmethod
     def of(cls, model: str, layers: int) -> "Shape":
-        c = OmegaConf.load(ROOT / "configs" / "model" / f"{model}.yaml").config
-        return cls(c.vocab_size, c.hidden_size, c.intermediate_size, layers, c.num_attention_heads,
-                   c.num_key_value_heads, bool(c.get("tie_word_embeddings", False)))
+        c = MODELS[model].config
+        return cls(c["vocab_size"], c["hidden_size"], c["intermediate_size"], layers, c["num_attention_heads"],
+                   c["num_key_value_heads"], bool(c.get("tie_word_embeddings", False)))
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of one decoder layer's Linear layers: q, k, v, o, gate, up, down (no biases)."""
@@ -243,7 +244,7 @@ def torchtune_reference() -> str | None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama_1b", help="a configs/model shape (llama_1b; llama_tiny for tests)")
+    parser.add_argument("--model", default="llama_1b", help="a model config's shape (llama_1b; llama_tiny for tests)")
     parser.add_argument("--layers", type=int, default=1, help="decoder layers to build (the full llama_1b has 16)")
     parser.add_argument("--full-layers", type=int, default=16, help="layer count of the extrapolated rows")
     parser.add_argument("--seq-len", type=int, default=64)

@@ -420,7 +420,7 @@ def test_composes_with_checkpoint():
 @pytest.mark.parametrize("options,message", [
     ({"activation": True}, "unknown option 'activation'; valid options: activations, derivative, norms, targets, exclude"),
     ({"derivative": "relu"}, "derivative=relu; valid: paper, fitted"),
-    ({"norms": "yes"}, "option 'norms' must be bool"),
+    ({"norms": "maybe"}, "option 'norms' must be bool, got 'maybe'"),
     ({"activations": False, "norms": False}, "activations and norms are both false"),
 ])
 def test_bad_options(options, message):

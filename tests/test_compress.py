@@ -630,7 +630,7 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
     ({"layers": []}, "layers"),
     ({"min_numel": -1}, "min_numel"),
     ({"adapt_every": 0}, "adapt_every"),
-    ({"bits": "2"}, "bits"),
+    ({"bits": "two"}, "bits"),
     ({"outliers": 17}, "outliers"),
     ({"outliers": 8, "group_size": 16}, "outliers"),
 ])
