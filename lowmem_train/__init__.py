@@ -7,11 +7,12 @@ Stable API: ``apply_strategies``, ``available_strategies``, ``check_finite_gradi
 from .errors import ConfigError, LowmemError, StrategyError
 from .finite import NonFiniteError, check_finite_gradients
 from .saved_tensors import SavedBytesMeter, SavedTensorStage
-from .strategy import Strategy, Touch, apply_strategies, available_strategies, get_strategy_class
+from .strategy import ExampleBatch, Strategy, Touch, apply_strategies, available_strategies, get_strategy_class
 from .targets import outermost, repeated_blocks, select_modules
 
 __all__ = [
     "ConfigError",
+    "ExampleBatch",
     "LowmemError",
     "NonFiniteError",
     "SavedBytesMeter",

@@ -39,3 +39,36 @@ def choose_one_each(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[fl
         choice.append(index)
         used -= cost[index]
     return choice[::-1]
+
+
+def choose_along_chain(costs: Sequence[Sequence[int]], pair_costs: Sequence[Sequence[Sequence[int]]],
+                       losses: Sequence[Sequence[float]], budget: int) -> list[int] | None:
+    """``choose_one_each`` for items in a chain whose neighbours share a cost (a tensor at the border of two
+    blocks is stored once if either keeps it): option b of item i costs ``costs[i][b]`` plus
+    ``pair_costs[i][a][b]`` when item i-1 took option a (``pair_costs[0]`` is unused). Dynamic programming over
+    (item, option, cost used), O(items x options^2 x budget); None when no choice fits."""
+    best = torch.full((len(costs[0]), budget + 1), math.inf, dtype=torch.float64)
+    for b, (c, value) in enumerate(zip(costs[0], losses[0])):
+        if c <= budget:
+            best[b, c] = value
+    came_from = []
+    for i in range(1, len(costs)):
+        options = torch.full((len(costs[i]), len(best), budget + 1), math.inf, dtype=torch.float64)
+        for b, (cost, value) in enumerate(zip(costs[i], losses[i])):
+            for a in range(len(best)):
+                c = cost + pair_costs[i][a][b]
+                if c <= budget:
+                    options[b, a, c:] = best[a, : budget + 1 - c] + value
+        best, pick = options.min(dim=1)
+        came_from.append(pick)
+    if not torch.isfinite(best).any():
+        return None
+    flat = int(best.argmin())
+    option, used = divmod(flat, budget + 1)
+    choice = [option]
+    for i in range(len(costs) - 1, 0, -1):
+        previous = int(came_from[i - 1][option, used])
+        used -= costs[i][option] + pair_costs[i][previous][option]
+        option = previous
+        choice.append(option)
+    return choice[::-1]

@@ -12,6 +12,10 @@ It overrides only the hooks it needs:
 - ``select_samples``: from a no-grad scoring forward of the whole batch, choose the samples to
   back-propagate; the trainer then runs the graph-building forward and the backward on those only.
 - ``report``: figures for the run's ``memory_report.json`` (under ``strategy_report``) and final summary.
+- ``files``: JSON files of its own for the run directory (a plan that a later run can reuse).
+
+A strategy that measures the model before deciding (``needs_example = True``) gets ``example``, the run's
+first training batch as an ``ExampleBatch``, before ``plan`` is called.
 """
 
 from __future__ import annotations
@@ -54,6 +58,17 @@ class NoOptions:
     pass
 
 
+@dataclass(frozen=True)
+class ExampleBatch:
+    """The run's first training batch, already on the run's device, as a strategy may use it for measuring:
+    ``loss(model)`` is the recipe's mean training loss of the batch through ``model`` (the model or a copy);
+    ``build_optimizer`` is the run's optimizer factory (parameters -> optimizer)."""
+
+    loss: Callable[[nn.Module], torch.Tensor]
+    build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    device: torch.device
+
+
 class Strategy:
     """Base class of memory strategies. Class attributes describe it; hooks default to doing nothing."""
 
@@ -64,6 +79,8 @@ class Strategy:
     incompatible_with: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""  # one line for the catalogue: what it saves and what it costs
+    needs_example: ClassVar[bool] = False  # measures the model on the first batch: ``example`` is set before plan
+    example: ExampleBatch | None = None
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = parse_options(self.name, self.Options, options or {})
@@ -97,6 +114,10 @@ class Strategy:
 
     def report(self) -> dict[str, Any]:
         """Figures this strategy measured during the run (JSON values), for the run's report."""
+        return {}
+
+    def files(self) -> dict[str, Any]:
+        """File name -> JSON value, written into the run directory (and listed in the report)."""
         return {}
 
 
@@ -191,6 +212,13 @@ def merge_spec_items(items: Iterable[Any]) -> dict[str, Any]:
     return merged
 
 
+def give_example(strategies: list[Strategy], example: ExampleBatch | None) -> None:
+    """Hand ``example`` to the strategies that measure the model before deciding."""
+    for strategy in strategies:
+        if strategy.needs_example and example is not None:
+            strategy.example = example
+
+
 def plan_strategies(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[Touch]]:
     """What each strategy would touch, without changing the model (the dry run)."""
     plans = {s.name: s.plan(model) for s in strategies}
@@ -238,16 +266,18 @@ def apply_built(model: nn.Module, strategies: list[Strategy]) -> dict[str, list[
 
 
 def apply_strategies(
-    model: nn.Module, strategies: str | Iterable[str | Mapping[str, Any]] | Mapping[str, Any] | None
+    model: nn.Module, strategies: str | Iterable[str | Mapping[str, Any]] | Mapping[str, Any] | None,
+    *, example: ExampleBatch | None = None,
 ) -> nn.Module:
     """Apply model-level strategies to any ``nn.Module`` for use in a plain PyTorch loop.
 
     ``strategies`` is a name, a mapping name -> options, or a list of names and such mappings. The model
     is changed in place (same parameter objects and values) and returned; applying the same strategy again
-    is a no-op.
+    is a no-op. ``example``: a batch for the strategies that measure the model before deciding (``auto``).
     Build the optimizer after this call.
     """
     built = build_strategies(strategies)
+    give_example(built, example)
     for strategy in built:
         loop_hooks = [hook for hook in LOOP_HOOKS if getattr(type(strategy), hook) is not getattr(Strategy, hook)
                       and (hook != "callbacks" or strategy.callbacks())]

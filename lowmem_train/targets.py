@@ -32,6 +32,12 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
         raise StrategyError(f"target pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
+def exact_name(name: str) -> str:
+    """A pattern that matches only the module whose qualified name is ``name`` (a bare name such as ``relu``
+    would also match every ``*.relu`` as a dotted suffix)."""
+    return f"(?:{re.escape(name)})"
+
+
 def repeated_blocks(model: nn.Module) -> Selection:
     """The outermost modules that sit, two or more of one class side by side, in a ModuleList/Sequential/ModuleDict.
 

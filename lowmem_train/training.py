@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils._pytree import tree_map_only
 
 from . import checkpoints
 from .causal_lm import sample_statistics
@@ -36,7 +37,7 @@ from .recipe import Recipe, StepOutput
 from .recompute import frozen_norm_statistics
 from .run_control import RunControl, RunStopped
 from .saved_tensors import SavedBytesMeter
-from .strategy import Strategy, apply_built, build_strategies, plan_strategies
+from .strategy import ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies
 from .undisturbed import undisturbed
 from .validation import coerce, unknown_keys
 
@@ -233,9 +234,9 @@ def check_run_settings(cfg: DictConfig) -> RunSettings:
     return RunSettings(**values)
 
 
-def check_trainer(cfg: DictConfig) -> None:
+def check_trainer(cfg: DictConfig) -> torch.device:
     """Build the Trainer once, without logger or callbacks, so Lightning's own checks of its keys (ranges,
-    devices, precision) fail here, before the run, as one line."""
+    devices, precision) fail here, before the run, as one line. Returns the device this process trains on."""
     kwargs = trainer_kwargs(cfg)
     if kwargs.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={kwargs['accelerator']}: no CUDA GPU is visible here; "
@@ -244,7 +245,7 @@ def check_trainer(cfg: DictConfig) -> None:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # no "GPU available" lines twice
     try:
-        L.Trainer(**{**kwargs, "enable_checkpointing": False}, logger=False, callbacks=[])
+        return L.Trainer(**{**kwargs, "enable_checkpointing": False}, logger=False, callbacks=[]).strategy.root_device
     except Exception as exc:  # Lightning raises MisconfigurationException, ValueError, TypeError...
         raise ConfigError(f"trainer: {one_line(exc)}") from None
     finally:
@@ -290,6 +291,17 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     if taken:
         raise ConfigError(f"run_dir={run_dir} already holds an earlier run's results ({taken[0]}); use a new "
                           "directory")
+
+
+def first_batch_example(cfg: DictConfig, recipe: Recipe, train_loader) -> ExampleBatch:
+    """The first training batch on the run's device, for strategies that measure before deciding. Drawn on a
+    forked random stream, so the run's own shuffling and dropout are the same as without it."""
+    device = check_trainer(cfg)
+    with torch.random.fork_rng():
+        batch = next(iter(train_loader))
+    batch = tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
+    return ExampleBatch(loss=lambda model: recipe.forward(model, batch).mean_loss(),
+                        build_optimizer=instantiate_choice(cfg, "optimizer"), device=device)
 
 
 def format_plan(plans) -> str:
@@ -340,13 +352,22 @@ def run_report(module: TrainingModule, touched, monitor: MemoryMonitor, validati
     }
 
 
-def write_run_files(report: dict, run_dir: Path, touched, monitor: MemoryMonitor) -> None:
-    """strategies.json, the plot and memory_report.json (whose ``files`` lists them)."""
+def write_strategy_files(strategies: list[Strategy], run_dir: Path) -> list[str]:
+    """The strategies' own files (a plan to reuse), written before training so a crashed run keeps them too."""
+    names = []
+    for name, content in ((n, c) for s in strategies for n, c in s.files().items()):
+        (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+        names.append(name)
+    return names
+
+
+def write_run_files(report: dict, run_dir: Path, strategy_files: list[str], touched, monitor: MemoryMonitor) -> None:
+    """strategies.json, the plot and memory_report.json (whose ``files`` lists them and the strategies' own)."""
     (run_dir / "strategies.json").write_text(json.dumps(
         {name: [{**asdict(t), "phase": t.phase.name if t.phase else None} for t in plan]
          for name, plan in touched.items()}, indent=2) + "\n")
     plot = plot_curve(monitor.rows, run_dir, f"{report['recipe']}, strategy={'+'.join(report['strategies'])}")
-    report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json"]
+    report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json", *strategy_files]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         report["files"].append("checkpoints/last.ckpt")
     write_report(report, run_dir)
@@ -362,6 +383,10 @@ def train(cfg: DictConfig) -> dict | None:
     L.seed_everything(settings.seed, workers=True, verbose=False)
     strategies, recipe = validate_config(cfg)
     model = recipe.build_model()
+    loaders = None
+    if any(s.needs_example for s in strategies):
+        loaders = recipe.build_dataloaders()
+        give_example(strategies, first_batch_example(cfg, recipe, loaders[0]))
     if settings.dry_run:
         print(format_plan(plan_strategies(model, strategies)))
         return None
@@ -369,7 +394,7 @@ def train(cfg: DictConfig) -> dict | None:
     if rank_zero_only.rank == 0:  # DDP workers share rank 0's directory
         check_fresh_run_dir(run_dir)
     touched = apply_built(model, strategies)
-    train_loader, val_loader = recipe.build_dataloaders()
+    train_loader, val_loader = loaders or recipe.build_dataloaders()
     run_control = RunControl(run_dir, train_loader, settings.on_nonfinite,
                              every_epoch=bool(cfg.trainer.get("enable_checkpointing")))
     module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"), run_control)
@@ -380,6 +405,7 @@ def train(cfg: DictConfig) -> dict | None:
         if note:
             print(note)
     run_dir.mkdir(parents=True, exist_ok=True)
+    strategy_files = write_strategy_files(strategies, run_dir) if rank_zero_only.rank == 0 else []
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()] + [run_control]
     names = [s.name for s in strategies] or ["none"]
@@ -394,7 +420,7 @@ def train(cfg: DictConfig) -> dict | None:
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
         report = run_report(module, touched, monitor, validation, stopped, run_dir)
-        write_run_files(report, run_dir, touched, monitor)
+        write_run_files(report, run_dir, strategy_files, touched, monitor)
         print(format_report(report))
         return report
     finally:

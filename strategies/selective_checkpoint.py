@@ -58,9 +58,11 @@ class SelectiveCheckpointOptions:
 
     ``targets``: null, every block that repeats in a ModuleList/Sequential (ResNet blocks, transformer
     layers); otherwise a list of class names (BasicBlock, LlamaDecoderLayer) or regexes on module names.
-    ``exclude``: same pattern syntax; removed from the targets. ``memory_budget``: per block, what is stored
-    (block inputs + chosen operator outputs) stays within this fraction of the bytes plain backprop saves for
-    the block; in (0, 1]. Smaller: less memory, more recompute::
+    ``exclude``: same pattern syntax; removed from the targets. ``memory_budget``: what the model stores
+    (block inputs + chosen operator outputs + everything outside the blocks) stays within this fraction of the
+    bytes plain backprop saves; in (0, 1]. Smaller: less memory, more recompute. ``per_block``: the fraction
+    holds for each block on its own (its inputs + stored outputs), so a block's bytes do not depend on what the
+    rest of the model does (the ``auto`` planner mixes it with other choices)::
 
         lowmem-train strategy=selective_checkpoint strategy.selective_checkpoint.memory_budget=0.3
     """
@@ -68,6 +70,7 @@ class SelectiveCheckpointOptions:
     targets: Optional[list[str]] = None  # class names / name regexes; None: every repeated block
     exclude: list[str] = field(default_factory=list)
     memory_budget: float = 0.5  # the model stores <= this fraction of the activation bytes of `none`
+    per_block: bool = False  # the fraction holds per block instead of for the whole model
 
     def validate(self, strategy_name: str) -> None:
         if not 0.0 < self.memory_budget <= 1.0:
@@ -99,7 +102,8 @@ class SelectiveCheckpoint(Strategy):
 
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         self.planner = apply_selective_checkpoint(model, [touch.module for touch in plan],
-                                                  memory_budget=self.options.memory_budget)
+                                                  memory_budget=self.options.memory_budget,
+                                                  per_block=self.options.per_block)
 
     def callbacks(self) -> list:
         return [KeepDecisions(self)]
@@ -177,8 +181,9 @@ class _Planner:
     blocks' operator calls keeps the total within ``budget`` x the bytes ``none`` would save.
     """
 
-    def __init__(self, budget: float):
+    def __init__(self, budget: float, per_block: bool = False):
         self.budget = budget
+        self.per_block = per_block
         self.profiles: dict[str, BlockProfile] = {}
         self.decisions: dict[str, BlockDecision] = {}
         self.census: SavedBytesMeter | None = None  # counts during the first training forward
@@ -194,16 +199,14 @@ class _Planner:
         census_bytes = self.census.bytes
         self.census.__exit__(None, None, None)
         self.census = None
-        profiled = sum(p.none_bytes for p in self.profiles.values())
-        capacity = self.budget * (census_bytes + profiled) - census_bytes
-        calls = [(name, c) for name, p in self.profiles.items() for c in p.calls if c.nbytes > 0]
-        # Each call: recompute (no bytes, its time) or store (its bytes, no time); least time within capacity.
-        costs, units = in_units([[0, call.nbytes] for _, call in calls], max(capacity, 0))
-        picks = choose_one_each(costs, [[call.seconds, 0.0] for _, call in calls], units) if calls else []
-        stored: dict[str, set] = {name: set() for name in self.profiles}
-        for (name, call), pick in zip(calls, picks):
-            if pick:
-                stored[name].add(call.key)
+        if self.per_block:
+            stored = {}
+            for name, profile in self.profiles.items():
+                capacity = self.budget * (profile.none_bytes + profile.input_bytes) - profile.input_bytes
+                stored.update(_store_within(capacity, {name: profile}))
+        else:
+            profiled = sum(p.none_bytes for p in self.profiles.values())
+            stored = _store_within(self.budget * (census_bytes + profiled) - census_bytes, self.profiles)
         for name, profile in self.profiles.items():
             full = sum(c.seconds for c in profile.calls)
             kept = [c for c in profile.calls if c.key in stored[name]]
@@ -215,6 +218,19 @@ class _Planner:
             log.info("selective_checkpoint %s", self.decisions[name].describe())
 
 
+def _store_within(capacity: float, profiles: dict[str, BlockProfile]) -> dict[str, set]:
+    """The operator calls to store, per block, so that their bytes fit ``capacity`` at the least recompute
+    time (each call: recompute, no bytes and its time; or store, its bytes and no time)."""
+    calls = [(name, c) for name, p in profiles.items() for c in p.calls if c.nbytes > 0]
+    costs, units = in_units([[0, call.nbytes] for _, call in calls], max(capacity, 0))
+    picks = choose_one_each(costs, [[call.seconds, 0.0] for _, call in calls], units) if calls else []
+    stored: dict[str, set] = {name: set() for name in profiles}
+    for (name, call), pick in zip(calls, picks):
+        if pick:
+            stored[name].add(call.key)
+    return stored
+
+
 def block_decisions(model: nn.Module) -> list[BlockDecision]:
     """The per-block decisions, in forward order (empty before the first training forward)."""
     return list(model.__dict__[_PLANNER].decisions.values())
@@ -223,7 +239,8 @@ def block_decisions(model: nn.Module) -> list[BlockDecision]:
 _PLANNER = "_lowmem_sac_planner"
 
 
-def apply_selective_checkpoint(model: nn.Module, blocks: Iterable[str], *, memory_budget: float = 0.5) -> _Planner:
+def apply_selective_checkpoint(model: nn.Module, blocks: Iterable[str], *, memory_budget: float = 0.5,
+                               per_block: bool = False) -> _Planner:
     """Selectively checkpoint the modules of ``model`` named in ``blocks`` (idempotent).
 
     One planner per model takes the decision for all of them on the first training forward, so ``model``
@@ -231,13 +248,13 @@ def apply_selective_checkpoint(model: nn.Module, blocks: Iterable[str], *, memor
     """
     planner = model.__dict__.get(_PLANNER)
     if planner is None:
-        planner = model.__dict__[_PLANNER] = _Planner(memory_budget)
+        planner = model.__dict__[_PLANNER] = _Planner(memory_budget, per_block)
         install_pipeline(model)  # the census counts what the model's pipeline stores
         model.register_forward_pre_hook(planner.start_census)
         model.register_forward_hook(planner.decide, always_call=True)
-    elif planner.budget != memory_budget:
+    elif (planner.budget, planner.per_block) != (memory_budget, per_block):
         raise StrategyError(f"selective_checkpoint is already applied to this model with memory_budget="
-                            f"{planner.budget}; one budget per model")
+                            f"{planner.budget}, per_block={planner.per_block}; one budget per model")
     for name in blocks:
         wrap_forward(model.get_submodule(name), "selective_checkpoint", Phase.REBUILD,
                      partial(_selective_forward, planner, name), name=name)

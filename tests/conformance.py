@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
+from lowmem_train import ExampleBatch, SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
 from strategy_settings import STRATEGY_SETTINGS, applies
 from zoo import Arch
 
@@ -73,14 +73,17 @@ def _check(names: tuple[str, ...], arch: Arch) -> Outcome:
     compared = [n for n in names if n not in reference]
     model = copy.deepcopy(base)
     params_before = dict(model.named_parameters())
+    batch = arch.make_batch()
+    example = ExampleBatch(loss=lambda m: arch.loss(m, batch), build_optimizer=torch.optim.AdamW,
+                           device=torch.device("cpu"))  # for strategies that measure first (auto)
     try:
-        apply_strategies(model, spec_of(names))
+        apply_strategies(model, spec_of(names), example=example)
     except StrategyError as exc:
         return _refusal(names, arch, str(exc))
-    if apply_strategies(model, spec_of(names)) is not model:
+    if apply_strategies(model, spec_of(names), example=example) is not model:
         fail("applying again returned another model")
     if reference:
-        ref = apply_strategies(copy.deepcopy(base), spec_of(reference))
+        ref = apply_strategies(copy.deepcopy(base), spec_of(reference), example=example)
     else:
         ref = base
     adapter = any(STRATEGY_SETTINGS[n].get("adapter") for n in names)
@@ -92,7 +95,6 @@ def _check(names: tuple[str, ...], arch: Arch) -> Outcome:
         replaced = [n for n, p in model.named_parameters() if p is not params_before[n]]
         if replaced:
             fail(f"replaced parameter {replaced[0]}")
-    batch = arch.make_batch()
     try:
         expected_loss, expected, expected_bytes = _first_step(ref, arch, batch)
         loss, got, saved_bytes = _first_step(model, arch, batch)

@@ -36,6 +36,8 @@ STRATEGY_SETTINGS = {
     "chunked_ce": {"options": {"chunk_size": 8}, "needs": ("causal_lm",), "saves_activations": True},
     # LoRA's default targets are the Linear layers inside the repeated blocks
     "lora": {"options": {"r": 4}, "needs": ("linear_blocks",), "adapter": True},
+    # exact menu only (the default): the plan mixes keep / selective / checkpoint, gradients stay plain
+    "auto": {"options": {"memory_budget": "0.75", "repeats": 1}, "saves_activations": True},
 }
 
 

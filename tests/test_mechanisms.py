@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conformance import spec_of
-from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, available_strategies, get_strategy_class
+from lowmem_train import ExampleBatch, SavedBytesMeter, StrategyError, apply_strategies, available_strategies, get_strategy_class
 from lowmem_train.forward_wrap import Phase, wrapper_owner
 from lowmem_train.strategy import _registry, build_strategies, plan_strategies
 from lowmem_train.strategies.checkpoint import apply_checkpoint
@@ -120,18 +120,20 @@ def test_a_copy_made_after_applying_runs_its_own_state(name):
     for arch in (ZOO["llama"], ZOO["cnn"]):
         torch.manual_seed(0)
         base = arch.build()
+        batch = arch.make_batch()
+        example = ExampleBatch(loss=lambda m: arch.loss(m, batch), build_optimizer=torch.optim.AdamW,
+                               device=torch.device("cpu"))  # for auto, which measures first
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                original = apply_strategies(copy.deepcopy(base), spec_of((name,)))
-                twin = apply_strategies(copy.deepcopy(base), spec_of((name,)))
+                original = apply_strategies(copy.deepcopy(base), spec_of((name,)), example=example)
+                twin = apply_strategies(copy.deepcopy(base), spec_of((name,)), example=example)
         except StrategyError:
             continue
         clone = copy.deepcopy(original)
         with torch.no_grad():
             for p in original.parameters():
                 p.zero_()
-        batch = arch.make_batch()
         got, expected = _step(clone, arch, batch), _step(twin, arch, batch)
         assert got.keys() == expected.keys() and got
         for key, grad in expected.items():
