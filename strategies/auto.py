@@ -40,11 +40,11 @@ from lowmem_train import SavedBytesMeter, Strategy, StrategyError, Touch, get_st
 from lowmem_train.memory import GIB, frozen_weight_bytes, optimizer_state_bytes, tensor_bytes
 from lowmem_train.module_scope import module_scope
 from lowmem_train.saved_tensors import iter_tensors, storages
-from lowmem_train.strategy import apply_built
 from lowmem_train.knapsack import choose_along_chain, in_units
+from lowmem_train.strategy import apply_built
 from lowmem_train.targets import exact_name, under
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 TOP = "top"
@@ -296,10 +296,11 @@ class Measured:
     grad_cosine: float | None = None
 
 
-def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeats: int) -> Measured | None:
+def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeats: int,
+            keep_grads: bool = False) -> Measured | None:
     """A copy of ``model`` with ``choice`` on its units runs 1 + ``repeats`` training steps on the example
     batch (the first one lets a mechanism decide, e.g. selective recompute), each on the same random stream;
-    None when the mechanism applies to no unit."""
+    ``keep_grads``: keep a CPU copy of the last gradient (for cosines). None when the mechanism applies to no unit."""
     copied = copy.deepcopy(model).to(example.device)
     available = [True] * len(units)
     if choice.strategy is not None:
@@ -320,7 +321,8 @@ def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeat
             seconds.append(elapsed)
         if timer is not None:
             forward_s = timer.seconds
-    grads = {name: p.grad.detach().float().cpu() for name, p in copied.named_parameters() if p.grad is not None}
+    grads = {name: p.grad.detach().float().cpu() for name, p in copied.named_parameters()
+             if p.grad is not None and keep_grads}
     result = Measured(choice.label, available, split_saves(recorder), min(seconds), grads, forward_s or [])
     if choice.strategy is None:
         result.fixed = _fixed_bytes(copied, example)
@@ -563,7 +565,8 @@ def profile(model: nn.Module, options: AutoOptions, example) -> tuple[CostTable,
             for choice in MENU:
                 if (choice.cuda_only and example.device.type != "cuda") or (not choice.exact and not options.allow_lossy):
                     continue
-                result = measure(model, units, choice, example, options.repeats)
+                cosine_needed = options.allow_lossy and (choice.strategy is None or not choice.exact)
+                result = measure(model, units, choice, example, options.repeats, keep_grads=cosine_needed)
                 if result is not None:
                     measured[choice.label] = result
     finally:
