@@ -212,3 +212,19 @@ def test_cli_dry_run_prints_the_plan_and_a_run_reports_predicted_and_measured(tm
     assert reused["activation_bytes"] == report["activation_bytes"]
     assert read_report(tmp_path / "again")["strategy_report"]["auto"]["choices"] == \
         report["strategy_report"]["auto"]["choices"]
+
+
+def test_plans_around_lora_and_chunked_ce(tmp_path):
+    """Strategies that swap modules (LoRA adapters, the chunked loss head) apply first; auto measures and plans the
+    model they leave, and its prediction holds for it."""
+    from lowmem_train.training import train
+
+    report = train(compose_config(*[a for a in TRAIN if not a.startswith("strategy=")],
+                                  "strategy=[lora,chunked_ce,auto]", "strategy.auto.memory_budget=0.3",
+                                  run_dir=tmp_path))
+    predicted = report["strategy_report"]["auto"]["predicted"]
+    assert report["frozen_param_bytes"] > 0 and "lora" in report["strategy_report"]
+    assert report["activation_bytes"] <= 1.05 * 0.3 * predicted["plain_activation_bytes"]
+    assert abs(report["activation_bytes"] - predicted["activation_bytes"]) <= 0.05 * predicted["activation_bytes"]
+    units = json.loads((tmp_path / "plan.json").read_text())["units"]
+    assert any("loss_head" in unit["unit"] for unit in units)  # chunked_ce's head is a planned unit
