@@ -697,6 +697,7 @@ class Auto(Strategy):
                                     "example=ExampleBatch(...) to apply_strategies")
             else:
                 self.result = make_plan(model, self.options, self.example)
+                self.example = None  # the batch is not held on the device through training
             print(format_table(self.result))
         return [Touch(u["unit"], u["kind"], f"{u['choice']}: {u['saved_bytes'] / GIB:.4g} GiB saved for backward, "
                       f"+{u['extra_s'] * 1e3:.2f} ms", changed=u["choice"] != "keep") for u in self.result.units]
