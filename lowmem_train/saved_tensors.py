@@ -179,14 +179,20 @@ class SavedBytesMeter:
         self._pipeline = None if listen_only else SavedTensorsPipeline([], model)
 
     def add(self, packed: Any) -> None:
+        for tensor, storage in self.kept_storages(packed):
+            key = (tensor.device, storage.data_ptr())
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+            self.tensors += 1
+
+    def kept_storages(self, packed: Any):
+        """(tensor, storage) pairs of what a pipeline stored, the model's own parameters and buffers left out."""
         for tensor in iter_tensors(packed):
             for storage in storages(tensor):
-                key = (tensor.device, storage.data_ptr())
-                if storage.data_ptr() in self._exclude or key in self._seen:
-                    continue
-                self._seen.add(key)
-                self.bytes += storage.nbytes()
-                self.tensors += 1
+                if storage.data_ptr() not in self._exclude:
+                    yield tensor, storage
 
     def __enter__(self) -> SavedBytesMeter:
         self.bytes, self.tensors, self._seen = 0, 0, set()

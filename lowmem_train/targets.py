@@ -52,7 +52,7 @@ def repeated_blocks(model: nn.Module) -> Selection:
             continue
         children = list(module.named_children())
         stacked = {type(a) for (_, a), (_, b) in zip(children, children[1:])
-                   if type(a) is type(b) and not isinstance(a, _CONTAINERS) and _is_block(a)}
+                   if type(a) is type(b) and not isinstance(a, _CONTAINERS) and is_block(a)}
         prefix = f"{name}." if name else ""
         blocks += [(prefix + child_name, child) for child_name, child in children if type(child) in stacked]
     return blocks
@@ -75,7 +75,7 @@ def weight_read_by_parent(model: nn.Module, name: str) -> bool:
     return re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
 
 
-def _is_block(module: nn.Module) -> bool:
+def is_block(module: nn.Module) -> bool:
     """A block has parameters and sub-modules: a layer of layers, not a single Linear or activation."""
     has_children = next(module.children(), None) is not None
     has_params = next(module.parameters(), None) is not None

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from lowmem_train import SavedBytesMeter, Strategy, StrategyError, Touch, get_strategy_class, repeated_blocks
 from lowmem_train.memory import GIB, frozen_weight_bytes, optimizer_state_bytes, tensor_bytes
@@ -42,7 +43,7 @@ from lowmem_train.module_scope import module_scope
 from lowmem_train.saved_tensors import iter_tensors, storages
 from lowmem_train.knapsack import choose_along_chain, in_units
 from lowmem_train.strategy import apply_built
-from lowmem_train.targets import exact_name, under
+from lowmem_train.targets import exact_name, is_block, under
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -171,7 +172,7 @@ def find_units(model: nn.Module, example) -> list[Unit]:
             units.append(Unit("", "", [], []))
         run = units[-1]
         run.modules.append(name)
-        run.composite += [name] if _made_of_layers(module) else []
+        run.composite += [name] if is_block(module) else []
         run.name = run.modules[0] if len(run.modules) == 1 else f"{run.modules[0]}..{run.modules[-1]}"
         run.kind = "+".join(dict.fromkeys(type(model.get_submodule(m)).__name__ for m in run.modules))
     return units + [Unit(TOP, "root ops, loss", [], [])]
@@ -192,23 +193,21 @@ def _note_call(called: dict, name: str, module, args) -> None:
     called.setdefault(name)
 
 
-def _made_of_layers(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None and next(module.parameters(), None) is not None
-
-
 # ---------------------------------------------------------------- measuring
 
 
 class SaveRecorder(SavedBytesMeter):
     """During one forward: every (unit, storage) save on ``device`` (a storage saved by two units is one
-    storage), and each unit's output: what the last of its modules to run returned."""
+    storage), and whether the storage is a unit's output: what the last of its modules to run returned.
+    Addresses are matched while both tensors are alive, so a freed output's reused address is no output."""
 
     def __init__(self, model: nn.Module, units: list[Unit], device: torch.device):
         super().__init__(model)
         self.units, self.device = units, device
         self.scope = module_scope(model)
-        self.saves: dict[int, tuple[int, list[int]]] = {}  # storage -> (bytes, units that saved it, in order)
-        self.outputs: dict[int, set[int]] = {}  # unit -> storages of its output
+        self.saves: dict[int, list] = {}  # storage -> [bytes, units that saved it (in order), producing unit]
+        self._outputs: dict[int, tuple[int, StorageWeakRef]] = {}  # storage -> (unit, its output's storage)
+        self._last: dict[int, set[int]] = {}  # unit -> storages of its latest output
         self._unit_of: dict[str, int] = {}
         self._handles = []
 
@@ -220,15 +219,11 @@ class SaveRecorder(SavedBytesMeter):
 
     def add(self, packed: Any) -> None:
         unit = self.unit_of(self.scope.current())
-        for tensor in iter_tensors(packed):
-            if tensor.device != self.device:
-                continue  # offloaded: not on the device any more
-            for storage in storages(tensor):
-                if storage.data_ptr() in self._exclude:
-                    continue
-                nbytes, savers = self.saves.setdefault(storage.data_ptr(), (storage.nbytes(), []))
-                if unit not in savers:
-                    savers.append(unit)
+        for tensor, storage in self.kept_storages(packed):
+            if tensor.device == self.device:  # not offloaded
+                entry = self.saves.setdefault(storage.data_ptr(), [storage.nbytes(), [], self._producer(storage)])
+                if unit not in entry[1]:
+                    entry[1].append(unit)
 
     def __enter__(self) -> SaveRecorder:
         super().__enter__()
@@ -244,12 +239,22 @@ class SaveRecorder(SavedBytesMeter):
         self._handles = []
         super().__exit__(*exc)
 
-    def _note_output(self, index: int, module, args, output) -> None:
-        self.outputs[index] = {s.data_ptr() for t in iter_tensors(output) for s in storages(t)}
+    def _producer(self, storage) -> int | None:
+        found = self._outputs.get(storage.data_ptr())
+        return None if found is None or found[1].expired() else found[0]
 
-    def producers(self) -> dict[int, int]:
-        """storage -> the unit whose output it is"""
-        return {ptr: unit for unit, ptrs in self.outputs.items() for ptr in ptrs}
+    def _note_output(self, index: int, module, args, output) -> None:
+        for ptr in self._last.pop(index, ()):  # an earlier module's output of the unit is inside it, not its output
+            self._outputs.pop(ptr, None)
+            if ptr in self.saves and self.saves[ptr][2] == index:
+                self.saves[ptr][2] = None
+        self._last[index] = set()
+        for tensor in iter_tensors(output):
+            for storage in storages(tensor):
+                self._outputs[storage.data_ptr()] = (index, StorageWeakRef(storage))
+                self._last[index].add(storage.data_ptr())
+                if storage.data_ptr() in self.saves:  # saved inside the unit before it returned (a ReLU's output)
+                    self.saves[storage.data_ptr()][2] = index
 
 
 @dataclass
@@ -267,9 +272,7 @@ def split_saves(recorder: SaveRecorder) -> UnitBytes:
     """Each saved storage to the unit that saved it, the border between neighbours kept apart (UnitBytes)."""
     count = len(recorder.units)
     split = UnitBytes([0] * count, [0] * count, [0] * count, 0)
-    producers = recorder.producers()
-    for ptr, (nbytes, savers) in recorder.saves.items():
-        producer = producers.get(ptr)
+    for nbytes, savers, producer in recorder.saves.values():
         if producer is None or producer + 1 == count:
             split.own[savers[0]] += nbytes
             continue
@@ -326,7 +329,7 @@ def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeat
     result = Measured(choice.label, available, split_saves(recorder), min(seconds), grads, forward_s or [])
     if choice.strategy is None:
         result.fixed = _fixed_bytes(copied, example)
-        saved = sum(nbytes for nbytes, _ in recorder.saves.values())
+        saved = sum(entry[0] for entry in recorder.saves.values())
         result.fixed["step_temporaries"] = max(peak - saved - result.fixed["gradients"], 0)
     del copied
     if example.device.type == "cuda":
