@@ -19,17 +19,39 @@ KEY = "lowmem_train"
 
 
 def read_checkpoint(path: str) -> dict:
-    """The checkpoint at ``path``, memory-mapped (tensors are not read until used), or a one-line ConfigError."""
+    """The checkpoint at ``path``, memory-mapped (tensors are not read until used), or a one-line ConfigError.
+    A sharded checkpoint (a directory, ``trainer=fsdp``) gives its ``state_dict`` as meta tensors of the
+    unsharded shapes: enough to check that it fits, nothing read."""
     file = Path(path).expanduser()
-    if not file.is_file():
+    if file.is_dir():
+        checkpoint = read_sharded_checkpoint(file, path)
+    elif not file.is_file():
         raise ConfigError(f"ckpt_path={path} does not exist")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # truncated zip, not a torch file, an unpicklable class: many exception types
-        raise ConfigError(f"ckpt_path={path} is not a readable checkpoint: truncated, or not written by torch.save "
-                          f"({one_line(exc, 100)})") from None
+    else:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as exc:  # truncated zip, not a torch file, an unpicklable class: many exception types
+            raise ConfigError(f"ckpt_path={path} is not a readable checkpoint: truncated, or not written by "
+                              f"torch.save ({one_line(exc, 100)})") from None
     if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "loops" in checkpoint):
         raise ConfigError(f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict and loop state)")
+    return checkpoint
+
+
+def read_sharded_checkpoint(directory: Path, path: str) -> dict:
+    """Lightning's distributed checkpoint: ``meta.pt`` (loops, callbacks, ``KEY``) beside the shards' metadata."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        checkpoint = torch.load(directory / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+        shapes = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as exc:  # a missing file, a truncated one: several exception types
+        raise ConfigError(f"ckpt_path={path} is not a readable sharded checkpoint ({one_line(exc, 100)})") from None
+    prefix = "state_dict."
+    if isinstance(checkpoint, dict):
+        checkpoint["state_dict"] = {key[len(prefix):]: torch.empty(tuple(meta.size), device="meta")
+                                    for key, meta in shapes.items() if key.startswith(prefix) and hasattr(meta, "size")}
     return checkpoint
 
 

@@ -144,6 +144,23 @@ def claim_output_dir(args: list[str], multirun: bool = False) -> list[str]:
     return [a for a in args if a not in given] + [f"{key}='{path}'"]
 
 
+def under_torchrun(args: list[str], multirun: bool) -> list[str]:
+    """torchrun starts this command once per process, on every node: they must share one run directory,
+    given explicitly (a shared file system across nodes), which rank 0 claims; the other ranks write no
+    Hydra files of their own into it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return args
+    if multirun:
+        raise ConfigError("-m (multirun) cannot run under torchrun: start one torchrun per job, or sweep with "
+                          "hydra/launcher=submitit_slurm")
+    if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
+        raise ConfigError("under torchrun every process must write into one run directory: add "
+                          "hydra.run.dir=<dir> (on a file system all nodes share)")
+    if rank_zero_only.rank != 0:
+        args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return args
+
+
 def default_output_dir(key: str) -> Path:
     """Hydra's default run or sweep directory (``outputs/<date>/<time>``), resolved now."""
     from hydra import compose as hydra_compose
@@ -270,6 +287,8 @@ def main() -> None:
     flags = get_args_parser().parse_args(args)
     runs = not (flags.cfg or flags.help or flags.hydra_help or flags.info or flags.shell_completion)
     try:
+        if runs:
+            args = under_torchrun(args, flags.multirun)
         check_overrides(flags.overrides)
         if runs and rank_zero_only.rank == 0:  # DDP workers reuse rank 0's directory
             args = claim_output_dir(args, flags.multirun)

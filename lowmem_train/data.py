@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .errors import ConfigError
 
@@ -19,30 +19,44 @@ def check_data_config(data: DictConfig) -> None:
             raise ConfigError(f"data.{key} must be an integer >= {least}, got {value!r}")
 
 
-class EpochShuffle(RandomSampler):
+class EpochShuffle(DistributedSampler):
     """A shuffle that depends only on (seed, epoch), never on the global RNG, and can skip what a resumed
     run already consumed: a run stopped mid-epoch and resumed sees the samples the uninterrupted run saw.
 
-    Lightning calls ``set_epoch``; the run's checkpoint callback sets ``resume_at`` from the checkpoint.
+    Under DDP or FSDP (several processes) every rank takes every world-th sample of the same order (the last
+    ``len % world`` samples of an epoch are left out, so ranks step together); being a DistributedSampler,
+    Lightning keeps it instead of putting its own in. Rank and world size are read when iterating: loaders
+    are built before the processes start. Lightning calls ``set_epoch``; the run's checkpoint callback sets
+    ``resume_at`` (epoch, samples this rank consumed) from the checkpoint.
     """
 
-    def __init__(self, data_source: Dataset, seed: int):
-        super().__init__(data_source)
+    def __init__(self, data_source: Dataset, seed: int):  # not DistributedSampler.__init__: no process group yet
+        self.dataset = data_source
         self.seed = seed
         self.epoch = 0
-        self.resume_at: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
+        self.resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def rank_and_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.rank_and_world()[1]
+
     def __iter__(self):
+        rank, world = self.rank_and_world()
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.dataset), generator=generator)[:len(self) * world].tolist()
         skip = 0
         if self.resume_at is not None and self.resume_at[0] == self.epoch:
-            skip = self.resume_at[1]
+            skip = self.resume_at[1] * world
         self.resume_at = None
-        yield from order[skip:]
+        yield from order[skip:][rank::world]
 
 
 def make_loader(dataset: Dataset, data: DictConfig, *, train: bool, collate_fn=None) -> DataLoader:

@@ -161,6 +161,33 @@ def summarize(rows: list[dict], *, device: torch.device) -> dict:
     }
 
 
+RANK_KEYS = ("peak_bytes", "activation_bytes", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+             "cuda_reserved_peak_bytes", "process_max_rss_bytes")
+
+
+def gather_ranks(summary: dict) -> list[dict]:
+    """Every rank's ``RANK_KEYS`` of its own summary, in rank order (one entry without a process group).
+    Each rank measures what it holds: under sharding (trainer=fsdp) its shard of weights, gradients and
+    optimizer state."""
+    mine = {"rank": 0, **{key: summary[key] for key in RANK_KEYS}}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    mine["rank"] = torch.distributed.get_rank()
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def write_ranks(ranks: list[dict], run_dir: Path) -> Path:
+    """memory_ranks.csv: one row per rank (bytes)."""
+    path = run_dir / "memory_ranks.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["rank", *RANK_KEYS])
+        writer.writeheader()
+        writer.writerows(ranks)
+    return path
+
+
 def write_report(report: dict, run_dir: Path) -> Path:
     path = run_dir / "memory_report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -218,6 +245,11 @@ def format_report(report: dict) -> str:
         f"  throughput           {report['samples_per_s']:.1f} samples/s" if report["samples_per_s"] else "",
         f"  final train loss     {report['final_train_loss']:.4f}",
     ]
+    if len(report.get("ranks", ())) > 1:
+        lines.append("  per rank (GiB)       rank  peak    activations  parameters  gradients  optimizer")
+        lines += [f"                       {r['rank']:>4}  {r['peak_bytes'] / GIB:.4f}  {r['activation_bytes'] / GIB:.4f}"
+                  f"       {r['param_bytes'] / GIB:.4f}      {r['grad_bytes'] / GIB:.4f}     "
+                  f"{r['optimizer_state_bytes'] / GIB:.4f}" for r in report["ranks"]]
     if report.get("data"):
         lines.append("  data                 " + ", ".join(f"{k}={v}" for k, v in report["data"].items()))
     for name, figures in report.get("strategy_report", {}).items():

@@ -170,3 +170,22 @@ def _project_back(update: torch.Tensor, projection: torch.Tensor) -> torch.Tenso
     # The projection is (rank, n) for tall matrices and (m, rank) for wide ones; its shape tells which.
     return update @ projection if projection.shape[0] < projection.shape[1] else projection @ update
 
+
+
+def sharding_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer`` cannot step FSDP2's sharded parameters (``trainer=fsdp``: each rank holds a slice of
+    rows of every parameter, as a DTensor), or None. Checked on the CPU with torch 2.14: torchao's 8-bit AdamW
+    steps shards (its quantization blocks are then the shard's)."""
+    cls = type(optimizer)
+    if cls.__module__.startswith("bitsandbytes"):
+        return ("bitsandbytes optimizers mix plain tensors with the sharded DTensor parameters (bitsandbytes#1633); "
+                "use optimizer.backend=torchao")
+    if cls.__module__.startswith("torchao") and "4bit" in cls.__name__:
+        return "torchao's 4-bit AdamW cannot build its state for sharded DTensor parameters; use optimizer=adamw8bit"
+    if issubclass(cls, MatrixAdafactor):
+        return ("its factored second moment needs whole rows and columns (DTensor refuses the in-place row/column "
+                "norms); use optimizer=adamw8bit or adamw")
+    if issubclass(cls, GaLoreAdamW):
+        return ("it projects each gradient matrix on its top singular vectors, and a rank holds only a slice of "
+                "the rows, so it would project slices, not the matrix (GaLore#2); use optimizer=adamw8bit or adamw")
+    return None

@@ -18,6 +18,7 @@ and, from a max_steps stop mid-epoch, repeats batches.
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -151,7 +152,10 @@ class RunControl(L.Callback):
             self.checkpoint_path.unlink(missing_ok=True)
             self.checkpoint_path.symlink_to(path.name)
             if previous is not None and previous != path.resolve():
-                previous.unlink(missing_ok=True)
+                if previous.is_dir():  # a sharded checkpoint (trainer=fsdp)
+                    shutil.rmtree(previous)
+                else:
+                    previous.unlink(missing_ok=True)
         trainer.strategy.barrier()
 
     def state_dict(self):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
@@ -82,7 +83,27 @@ def model_state_storages(model: nn.Module | None) -> set[int]:
     for backward by some ops, but model state, not activations, so never counted or transformed."""
     if model is None:
         return set()
-    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    return {s.data_ptr() for t in (*model.parameters(), *model.buffers()) for s in storages(t)}
+
+
+SHARDED = "_lowmem_sharded"  # set on a model by lowmem_train.sharding.shard_model
+
+
+class ModelState:
+    """``pointer in ModelState(model)``: whether a storage is the model's state (``model_state_storages`` at
+    entry) or, for a sharded model (FSDP2), a whole weight gathered for the block running now: FSDP2 swaps a
+    block's sharded parameters for gathered ones during its forward, so those are looked up when asked."""
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model
+        self.storages = model_state_storages(model)
+        self.sharded = model is not None and model.__dict__.get(SHARDED, False)
+
+    def __contains__(self, pointer: int) -> bool:
+        if pointer in self.storages:
+            return True
+        return self.sharded and pointer in {s.data_ptr() for p in self.model.parameters()
+                                            if not isinstance(p, DTensor) for s in storages(p)}
 
 
 def iter_tensors(value: Any) -> list[torch.Tensor]:
@@ -92,10 +113,12 @@ def iter_tensors(value: Any) -> list[torch.Tensor]:
 
 def storages(tensor: torch.Tensor):
     """A tensor's storages. A wrapper subclass (torchao's quantized optimizer states, for one) has none of its
-    own: its inner tensors (codes, scales) hold the bytes."""
+    own: its inner tensors (codes, scales; a sharded DTensor's local shard) hold the bytes."""
     if is_traceable_wrapper_subclass(tensor):
         for name in tensor.__tensor_flatten__()[0]:
-            yield from storages(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):  # a DTensor also lists its device mesh
+                yield from storages(inner)
     else:
         yield tensor.untyped_storage()
 
@@ -109,12 +132,12 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, stages: list[SavedTensorStage], model: nn.Module | None = None):
         self.stages = stages
         self.model = model
-        self._state_storages: set[int] = set()
+        self._state = ModelState(None)
         self._packed: dict[tuple, tuple] = {}
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
-        self._state_storages = model_state_storages(self.model)
+        self._state = ModelState(self.model)
         self._packed = {}
         return super().__enter__()
 
@@ -124,7 +147,7 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor: torch.Tensor):
         saved: tuple = ((), tensor, None)
-        if self.stages and tensor.untyped_storage().data_ptr() not in self._state_storages:
+        if self.stages and tensor.untyped_storage().data_ptr() not in self._state:
             # Memory saved by several ops (an activation's output and the next layer's input, a weight's
             # transpose) is packed once and the packed value shared, so it is stored once, as without stages;
             # a view of it gets the packed value and its own shape and strides. The weak reference tells a
@@ -175,7 +198,7 @@ class SavedBytesMeter:
         self.bytes = 0
         self.tensors = 0
         self._seen: set[tuple[torch.device, int]] = set()
-        self._exclude: set[int] = set()
+        self._exclude = ModelState(None)
         self._pipeline = None if listen_only else SavedTensorsPipeline([], model)
 
     def add(self, packed: Any) -> None:
@@ -196,7 +219,7 @@ class SavedBytesMeter:
 
     def __enter__(self) -> SavedBytesMeter:
         self.bytes, self.tensors, self._seen = 0, 0, set()
-        self._exclude = model_state_storages(self.model)
+        self._exclude = ModelState(self.model)
         self._token = _ACTIVE_METERS.set(_ACTIVE_METERS.get() + (self,))
         if self._pipeline is not None:
             self._pipeline.__enter__()

@@ -13,6 +13,7 @@ It overrides only the hooks it needs:
   back-propagate; the trainer then runs the graph-building forward and the backward on those only.
 - ``report``: figures for the run's ``memory_report.json`` (under ``strategy_report``) and final summary.
 - ``files``: JSON files of its own for the run directory (a plan that a later run can reuse).
+- ``sharding_problem``: why it cannot run under FSDP2 sharding (``trainer=fsdp``), refused before the run.
 
 A strategy that measures the model before deciding (``needs_example = True``) gets ``example``, the run's
 first training batch as an ``ExampleBatch``, before ``plan`` is called.
@@ -119,6 +120,10 @@ class Strategy:
     def files(self) -> dict[str, Any]:
         """File name -> JSON value, written into the run directory (and listed in the report)."""
         return {}
+
+    def sharding_problem(self) -> str | None:
+        """Why this strategy, with its options, cannot run on a model sharded by FSDP2 (``trainer=fsdp``), or None."""
+        return None
 
 
 def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]):

@@ -32,11 +32,13 @@ from torch.utils._pytree import tree_map_only
 from . import checkpoints
 from .causal_lm import sample_statistics
 from .errors import ConfigError, LowmemError, StrategyError, one_line
-from .memory import MemoryMonitor, format_report, plot_curve, summarize, write_report
+from .memory import MemoryMonitor, format_report, gather_ranks, plot_curve, summarize, write_ranks, write_report
 from .recipe import Recipe, StepOutput
 from .recompute import frozen_norm_statistics
 from .run_control import RunControl, RunStopped
+from .optimizers import sharding_problem as optimizer_sharding_problem
 from .saved_tensors import SavedBytesMeter
+from .sharding import FSDP2
 from .strategy import ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies
 from .undisturbed import undisturbed
 from .validation import coerce, unknown_keys
@@ -131,6 +133,12 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint[checkpoints.KEY] = checkpoints.run_identity(self.recipe.name, self.model, self.strategies)
 
+    def configure_model(self):
+        """Sharding (``trainer=fsdp``) wraps the model here: after the strategies' surgery, before the optimizer."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.model)
+
     def configure_optimizers(self):
         for strategy in self.strategies:
             optimizer = strategy.configure_optimizer(self.model, self.optimizer_factory)
@@ -185,6 +193,8 @@ def trainer_parameters() -> list[str]:
 def trainer_kwargs(cfg: DictConfig) -> dict:
     """``cfg.trainer`` checked against lightning.Trainer's signature: unknown keys and wrong types fail here."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):  # a Lightning strategy object: trainer=fsdp
+        kwargs["strategy"] = instantiate_choice(cfg.trainer, "strategy")
     parameters = trainer_parameters()
     hints = typing.get_type_hints(L.Trainer.__init__)
     for key, value in kwargs.items():
@@ -280,9 +290,27 @@ def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     if is_wandb(cfg):
         check_wandb(cfg)
     strategies, recipe = build_strategies(cfg.strategy), build_recipe(cfg)
+    sharded = isinstance(trainer_kwargs(cfg).get("strategy"), FSDP2)
+    if sharded:
+        check_shardable(strategies, check_optimizer(cfg))
     if settings.ckpt_path:
-        checkpoints.check_recipe(checkpoints.read_checkpoint(settings.ckpt_path), settings.ckpt_path, recipe.name)
+        checkpoint = checkpoints.read_checkpoint(settings.ckpt_path)
+        checkpoints.check_recipe(checkpoint, settings.ckpt_path, recipe.name)
+        if Path(settings.ckpt_path).expanduser().is_dir() and not sharded:
+            raise ConfigError(f"ckpt_path={settings.ckpt_path} is a sharded checkpoint (a directory written under "
+                              "trainer=fsdp); resume it with trainer=fsdp")
     return strategies, recipe
+
+
+def check_shardable(strategies: list[Strategy], optimizer_factory) -> None:
+    """Under trainer=fsdp, what cannot run on a sharded model is refused here, naming why."""
+    for strategy in strategies:
+        problem = strategy.sharding_problem()
+        if problem:
+            raise ConfigError(f"strategy '{strategy.name}' cannot run under trainer=fsdp: {problem}")
+    problem = optimizer_sharding_problem(optimizer_factory([torch.nn.Parameter(torch.zeros(2, 2))]))
+    if problem:
+        raise ConfigError(f"optimizer cannot run under trainer=fsdp: {problem}")
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -368,6 +396,8 @@ def write_run_files(report: dict, run_dir: Path, strategy_files: list[str], touc
          for name, plan in touched.items()}, indent=2) + "\n")
     plot = plot_curve(monitor.rows, run_dir, f"{report['recipe']}, strategy={'+'.join(report['strategies'])}")
     report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json", *strategy_files]
+    if len(report["ranks"]) > 1:
+        report["files"].append(write_ranks(report["ranks"], run_dir).name)
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         report["files"].append("checkpoints/last.ckpt")
     write_report(report, run_dir)
@@ -417,10 +447,14 @@ def train(cfg: DictConfig) -> dict | None:
         stopped, validation = fit(trainer, module, train_loader, val_loader, settings.ckpt_path)
         if not monitor.rows:
             raise ConfigError("no training step ran: check trainer.max_steps / trainer.max_epochs and the data size")
+        ranks = gather_ranks(summarize(monitor.rows, device=module.device))
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
-        report = run_report(module, touched, monitor, validation, stopped, run_dir)
+        report = {**run_report(module, touched, monitor, validation, stopped, run_dir), "ranks": ranks}
         write_run_files(report, run_dir, strategy_files, touched, monitor)
+        if len(ranks) > 1:
+            logger.log_metrics({f"rank{r['rank']}/{key}": value for r in ranks for key, value in r.items()
+                                if key != "rank" and value is not None}, step=trainer.global_step)
         print(format_report(report))
         return report
     finally:
@@ -428,3 +462,5 @@ def train(cfg: DictConfig) -> dict | None:
         run_control.restore_signal_handlers()
         if hasattr(logger, "experiment") and is_wandb(cfg):
             logger.experiment.finish()  # else the runs of a multirun merge into one
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # else gloo's threads may abort the process at exit

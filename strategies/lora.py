@@ -24,11 +24,11 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
 from lowmem_train.causal_lm import causal_lm_of
+from lowmem_train.sharding import whole
 from lowmem_train.targets import repeated_blocks, weight_read_by_parent
 from lowmem_train.undisturbed import undisturbed
 
@@ -138,6 +138,15 @@ class Lora(Strategy):
     def callbacks(self) -> list:
         return [SaveAdapters(self.options.save_merged)]
 
+    def sharding_problem(self) -> str | None:
+        if self.options.quantize != "none":
+            return (f"quantize={self.options.quantize} stores the base weights as bitsandbytes tensors, which FSDP2 "
+                    "cannot shard; use quantize=none")
+        if self.options.save_merged:
+            return ("save_merged needs every base weight whole in one process; train with save_merged=false and "
+                    "merge the saved adapter afterwards (PeftModel.from_pretrained(base, adapter).merge_and_unload())")
+        return None
+
     def report(self) -> dict:
         return getattr(self, "figures", {})
 
@@ -228,20 +237,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    return {f"base_model.model.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
+    return {f"base_model.model.{key}": whole(value).detach().cpu().contiguous() for key, value in state.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, *, write: bool = True) -> Path:
     """Save the adapters of a model with lora applied in PEFT's format: ``PeftModel.from_pretrained(base,
-    directory)`` loads them onto the base model."""
+    directory)`` loads them onto the base model. A sharded model (trainer=fsdp): every rank calls it (the
+    adapter weights are gathered), the one with ``write`` writes."""
     from safetensors.torch import save_file
 
     model = adapted_model(model)
     directory = Path(directory)
-    config = model.peft_config[ADAPTER]
-    config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config.save_pretrained(str(directory))
-    save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    state = adapter_state_dict(model)
+    if write:
+        config = model.peft_config[ADAPTER]
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config.save_pretrained(str(directory))
+        save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     return directory
 
 
@@ -315,9 +327,8 @@ class SaveAdapters(L.Callback):
     def __init__(self, merged: bool):
         self.merged = merged
 
-    @rank_zero_only
     def on_train_end(self, trainer, pl_module):
         run_dir = Path(trainer.default_root_dir)
-        save_adapter(pl_module.model, run_dir / ADAPTER_DIR)
-        if self.merged:
+        save_adapter(pl_module.model, run_dir / ADAPTER_DIR, write=trainer.is_global_zero)
+        if self.merged and trainer.is_global_zero:
             save_merged(pl_module.model, run_dir / MERGED_DIR)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 
@@ -58,15 +59,21 @@ class StepInBackwardOptimizer(torch.optim.Optimizer):
         return closure() if closure is not None else None
 
     def state_dict(self):
-        return {"per_parameter": [optimizer.state_dict() for optimizer in self.inner]}
+        """The per-parameter optimizers' states as one optimizer's (parameter i is inner optimizer i's only
+        one), so tools that read optimizer state dicts (FSDP2's distributed checkpoint) see the usual layout."""
+        states = [optimizer.state_dict() for optimizer in self.inner]
+        return {"state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
+                "param_groups": [{**s["param_groups"][0], "params": [i]} for i, s in enumerate(states)]}
 
     def load_state_dict(self, state_dict):
-        saved = state_dict.get("per_parameter")
-        if saved is None or len(saved) != len(self.inner):
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.inner):
             raise StrategyError("strategy 'step_in_backward': the checkpoint's optimizer state is not from a "
                                 "step_in_backward run of this model; resume with the same strategies")
-        for optimizer, state in zip(self.inner, saved):
-            optimizer.load_state_dict(state)
+        for i, (optimizer, group) in enumerate(zip(self.inner, groups)):
+            state = state_dict["state"]
+            optimizer.load_state_dict({"state": {0: state[i]} if i in state else {},
+                                       "param_groups": [{**group, "params": [0]}]})
 
 
 class RefuseAccumulation(L.Callback):
@@ -77,6 +84,10 @@ class RefuseAccumulation(L.Callback):
             raise StrategyError(
                 f"strategy 'step_in_backward' steps in every backward, so it cannot accumulate gradients: set "
                 f"trainer.accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches}) or drop the strategy")
+        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            raise StrategyError("strategy 'step_in_backward' would step on each rank's own gradient before DDP "
+                                "averages them: shard with trainer=fsdp (it steps after the reduce-scatter) or drop "
+                                "the strategy")
         if trainer.gradient_clip_val:
             raise StrategyError("strategy 'step_in_backward' cannot clip gradients (no step sees them all): "
                                 "set trainer.gradient_clip_val=null or drop the strategy")
