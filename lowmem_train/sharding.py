@@ -11,7 +11,7 @@ local tensors, so they work unchanged. What cannot run sharded is refused before
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -36,11 +36,11 @@ class FSDP2(ModelParallelStrategy):
 
     def __init__(self, param_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
                  reduce_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
-                 reshard_after_forward: bool = True, **kwargs: Any):
+                 reshard_after_forward: bool = True):
         for key, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if value is not None and value not in DTYPES:
                 raise ValueError(f"{key}={value!r}; valid: {', '.join(DTYPES)} or null")
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True, **kwargs)
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True)
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward

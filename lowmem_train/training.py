@@ -194,7 +194,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     """``cfg.trainer`` checked against lightning.Trainer's signature: unknown keys and wrong types fail here."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(kwargs.get("strategy"), dict):  # a Lightning strategy object: trainer=fsdp
-        kwargs["strategy"] = instantiate_choice(cfg.trainer, "strategy")
+        kwargs["strategy"] = instantiate_choice(cfg.trainer, "strategy", label="trainer.strategy")
     parameters = trainer_parameters()
     hints = typing.get_type_hints(L.Trainer.__init__)
     for key, value in kwargs.items():
@@ -207,15 +207,16 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def instantiate_choice(cfg: DictConfig, group: str, **kwargs):
-    """``instantiate(cfg[group])`` with its failures (a missing optional package, a bad argument) as one line."""
+def instantiate_choice(cfg: DictConfig, group: str, *, label: str | None = None, **kwargs):
+    """``instantiate(cfg[group])`` with its failures (a missing optional package, a bad argument) as one line
+    starting with ``label`` (default: the group)."""
     try:
         return instantiate(cfg[group], **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, LowmemError):
             raise cause from None
-        raise ConfigError(f"{group}: {one_line(cause or exc)}") from None
+        raise ConfigError(f"{label or group}: {one_line(cause or exc)}") from None
 
 
 def build_recipe(cfg: DictConfig) -> Recipe:
@@ -455,6 +456,7 @@ def train(cfg: DictConfig) -> dict | None:
         if len(ranks) > 1:
             logger.log_metrics({f"rank{r['rank']}/{key}": value for r in ranks for key, value in r.items()
                                 if key != "rank" and value is not None}, step=trainer.global_step)
+            logger.save()
         print(format_report(report))
         return report
     finally:

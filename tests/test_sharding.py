@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowmem_train import apply_strategies
+from lowmem_train import apply_strategies, available_strategies, get_strategy_class
 from lowmem_train.memory import optimizer_state_bytes, tensor_bytes
 from lowmem_train.saved_tensors import SavedBytesMeter
 from lowmem_train.sharding import shard_model, shard_units
+from strategy_settings import STRATEGY_SETTINGS
+from test_strategy_registry import TRAIN_OPTIONS
 from tiny_models import tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:strategy .* also acts on the training loop")
@@ -165,6 +167,9 @@ def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
     for result in results.values():
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "first/checkpoints/step2.ckpt/meta.pt").exists()  # a sharded checkpoint: one directory
+    unsharded = run_cli(*FSDP_RUN, "+trainer.strategy=ddp", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
+                        f"run_dir={tmp_path / 'ddp_resumed'}", cwd=tmp_path)
+    assert unsharded.returncode == 2 and "is a sharded checkpoint" in unsharded.stderr.splitlines()[-1]
     whole = cli_losses(tmp_path / "whole")
     assert whole == pytest.approx(cli_losses(tmp_path / "ddp"), abs=1e-5)
     assert cli_losses(tmp_path / "resumed") == pytest.approx(whole[2:], abs=1e-6)
@@ -175,12 +180,15 @@ def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
             assert rank[key] == pytest.approx(replicated["ranks"][rank["rank"]][key] / 2, rel=0.02), key
         assert rank["activation_bytes"] == replicated["ranks"][rank["rank"]]["activation_bytes"]
     assert results["whole"].stdout.count("memory report") == 1 and "per rank (GiB)" in results["whole"].stdout
+    logged = (tmp_path / "whole/csv").rglob("metrics.csv")
+    assert any("rank1/param_bytes" in path.read_text() for path in logged)  # the logger has every rank's figures
 
 
 @pytest.mark.parametrize("extra, message", [
     (["optimizer=galore"], "optimizer cannot run under trainer=fsdp: "),
     (["optimizer=adamw8bit", "optimizer.backend=bitsandbytes"], "optimizer cannot run under trainer=fsdp: "),
     (["strategy=lora", "strategy.lora.quantize=nf4"], "strategy 'lora' cannot run under trainer=fsdp: "),
+    (["trainer.strategy.param_dtype=bf16"], "trainer.strategy: param_dtype='bf16'; valid: float32, bfloat16"),
 ])
 def test_what_cannot_run_sharded_is_refused_in_one_line(extra, message, tmp_path):
     from conftest import run_cli
@@ -236,3 +244,36 @@ def test_torchrun_launches_the_ranks_and_needs_one_run_directory(tmp_path):
     result = subprocess.run([*torchrun, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "lowmem-train: error: under torchrun every process must write into one run directory" in result.stderr
+
+
+def test_step_in_backward_is_refused_under_ddp(tmp_path):
+    """It would step each rank on its own gradient before DDP averages them (under FSDP2 it steps the shards
+    after the reduce-scatter, so it runs there)."""
+    from conftest import run_cli
+
+    result = run_cli(*TWO_RANKS, "+trainer.strategy=ddp", "strategy=step_in_backward", "trainer.max_steps=1",
+                     f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "strategy 'step_in_backward' would step on each rank's own gradient before DDP averages" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in available_strategies() if n != "none"])
+def test_every_strategy_trains_sharded_as_under_ddp(name, tmp_path):
+    """The same run under trainer=fsdp and under DDP: the same losses (lossy ones within 2e-3: velora draws its
+    projections per run) and the same saved activations; each rank holds half the parameters. step_in_backward,
+    refused under DDP, is compared with plain sharded training instead."""
+    from conftest import read_report, run_cli
+
+    options = {**STRATEGY_SETTINGS[name]["options"], **TRAIN_OPTIONS.get(name, {})}
+    chosen = [f"strategy={name}", *(f"strategy.{name}.{k}={v}" for k, v in options.items())]
+    reference = ["trainer=fsdp"] if name == "step_in_backward" else [*chosen, "+trainer.strategy=ddp"]
+    for kind, extra in (("fsdp", [*chosen, "trainer=fsdp"]), ("ddp", reference)):
+        result = run_cli(*TWO_RANKS, "trainer.max_steps=3", *extra, f"run_dir={tmp_path / kind}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sharded, replicated = cli_losses(tmp_path / "fsdp"), cli_losses(tmp_path / "ddp")
+    assert sharded == pytest.approx(replicated, abs=1e-5 if get_strategy_class(name).exact else 2e-3)
+    fsdp, ddp = read_report(tmp_path / "fsdp"), read_report(tmp_path / "ddp")
+    assert fsdp["activation_bytes"] == pytest.approx(ddp["activation_bytes"], rel=0.05)
+    if name != "step_in_backward":
+        assert fsdp["ranks"][1]["param_bytes"] < 0.6 * ddp["ranks"][1]["param_bytes"]
