@@ -189,3 +189,52 @@ def sharding_problem(optimizer: torch.optim.Optimizer) -> str | None:
         return ("it projects each gradient matrix on its top singular vectors, and a rank holds only a slice of "
                 "the rows, so it would project slices, not the matrix (GaLore#2); use optimizer=adamw8bit or adamw")
     return None
+
+
+class PerParameterOptimizer(torch.optim.Optimizer):
+    """One optimizer per parameter (built by the ``optimizer`` config's factory, so every optimizer of the
+    group works), stepped one parameter at a time by ``step_parameter``: for updates that come parameter by
+    parameter (a step inside backward, a zeroth-order estimate), so no gradient of the whole model is held.
+
+    What Lightning drives: ``step(closure)`` only runs the closure. ``state`` gathers the inner optimizers'
+    states for the memory accounting; ``state_dict`` lays them out as one optimizer's (parameter i is inner
+    optimizer i's only one), so checkpoints and tools that read optimizer state dicts see the usual format.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], build: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]):
+        params = list(params)
+        self.inner = [build([p]) for p in params]
+        super().__init__(params, {})
+        # The inner optimizers' groups themselves, so an LR scheduler on this optimizer reaches them.
+        self.param_groups = [group for optimizer in self.inner for group in optimizer.param_groups]
+
+    def step_parameter(self, index: int) -> None:
+        """Step parameter ``index`` on its ``.grad``, then free the gradient."""
+        self.inner[index].step()
+        self.inner[index].zero_grad(set_to_none=True)
+
+    @property
+    def state(self):
+        return {p: s for optimizer in self.inner for p, s in optimizer.state.items()}
+
+    @state.setter
+    def state(self, value):
+        """Optimizer.__init__ assigns an empty state; the real one lives in the per-parameter optimizers."""
+
+    def step(self, closure=None):
+        return closure() if closure is not None else None
+
+    def state_dict(self):
+        states = [optimizer.state_dict() for optimizer in self.inner]
+        return {"state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
+                "param_groups": [{**s["param_groups"][0], "params": [i]} for i, s in enumerate(states)]}
+
+    def load_state_dict(self, state_dict):
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.inner):
+            raise ConfigError(f"the checkpoint's optimizer state has {len(groups)} parameter(s), this run "
+                              f"{len(self.inner)}; resume with the same strategies")
+        for i, (optimizer, group) in enumerate(zip(self.inner, groups)):
+            state = state_dict["state"]
+            optimizer.load_state_dict({"state": {0: state[i]} if i in state else {},
+                                       "param_groups": [{**group, "params": [0]}]})

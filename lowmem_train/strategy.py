@@ -14,6 +14,8 @@ It overrides only the hooks it needs:
 - ``report``: figures for the run's ``memory_report.json`` (under ``strategy_report``) and final summary.
 - ``files``: JSON files of its own for the run directory (a plan that a later run can reuse).
 - ``sharding_problem``: why it cannot run under FSDP2 sharding (``trainer=fsdp``), refused before the run.
+- ``step_without_backward``: forward-only training: the strategy's own update replaces forward, backward and
+  optimizer step (the trainer calls it under ``torch.no_grad``).
 
 A strategy that measures the model before deciding (``needs_example = True``) gets ``example``, the run's
 first training batch as an ``ExampleBatch``, before ``plan`` is called.
@@ -40,7 +42,7 @@ from .saved_tensors import SavedTensorStage, add_stage
 from .validation import schema_problem
 
 ENTRY_POINT_GROUP = "lowmem_train.strategies"
-LOOP_HOOKS = ("configure_optimizer", "callbacks", "select_samples")  # what a plain PyTorch loop must call itself
+LOOP_HOOKS = ("configure_optimizer", "callbacks", "select_samples", "step_without_backward")  # what a plain PyTorch loop must call itself
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,12 @@ class Strategy:
     def files(self) -> dict[str, Any]:
         """File name -> JSON value, written into the run directory (and listed in the report)."""
         return {}
+
+    def step_without_backward(self, model: nn.Module, loss: Callable[[], StepOutput], step: int) -> StepOutput:
+        """Forward-only training: update ``model`` from forwards alone (``loss()`` runs the recipe's forward of
+        the batch, as often as needed) at optimizer step ``step``; return the output to log. Only a strategy
+        that overrides it replaces backprop; the trainer calls it under ``torch.no_grad``."""
+        raise NotImplementedError
 
     def sharding_problem(self) -> str | None:
         """Why this strategy, with its options, cannot run on a model sharded by FSDP2 (``trainer=fsdp``), or None."""

@@ -70,6 +70,8 @@ class TrainingModule(L.LightningModule):
         self.strategies = strategies
         self.run_control = run_control
         self.sample_selectors = [s for s in strategies if type(s).select_samples is not Strategy.select_samples]
+        self.forward_only = next((s for s in strategies
+                                  if type(s).step_without_backward is not Strategy.step_without_backward), None)
         self.optimizer_factory = optimizer_factory
         self.saved_bytes = SavedBytesMeter(model)
         self.activation_bytes = 0
@@ -93,6 +95,8 @@ class TrainingModule(L.LightningModule):
         return self.recipe.forward(self.model, batch).mean_loss()
 
     def training_step(self, batch, batch_idx):
+        if self.forward_only is not None:
+            return self.forward_only_step(batch)
         scored, keep = self.score_and_select(batch) if self.sample_selectors else (None, None)
         with frozen_norm_statistics(self.model) if scored is not None else nullcontext(), self.saved_bytes:
             output = self.recipe.forward(self.model, batch if keep is None else self.recipe.subset(batch, keep))
@@ -106,6 +110,19 @@ class TrainingModule(L.LightningModule):
         if self.run_control is not None and not self.run_control.admit_loss(self.trainer, loss):
             return None  # Lightning runs no backward and no optimizer step for this batch
         return loss
+
+    def forward_only_step(self, batch) -> None:
+        """A forward-only strategy's update (no graph: the meter sees what, if anything, is still saved); returns
+        None, so Lightning runs no backward (the optimizer's step only runs this closure)."""
+        with torch.no_grad(), self.saved_bytes:
+            output = self.forward_only.step_without_backward(
+                self.model, lambda: self.recipe.forward(self.model, batch), self.global_step)
+        self.activation_bytes = self.saved_bytes.bytes
+        self.last_output = output.detached()
+        self.log("train/loss", self.last_output.mean_loss(), on_step=True, prog_bar=True, batch_size=output.num_samples)
+        if self.run_control is not None:
+            self.run_control.admit_loss(self.trainer, self.last_output.mean_loss())
+        return None
 
     def score_and_select(self, batch) -> tuple[StepOutput, torch.Tensor]:
         """Score the whole batch without a graph and let the selecting strategies choose the samples to
@@ -349,6 +366,8 @@ def fit(trainer: L.Trainer, module: TrainingModule, train_loader, val_loader, ck
         with warnings.catch_warnings():
             if module.run_control.sampler is not None:  # EpochShuffle + RunControl resume mid-epoch exactly
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before")
+            if module.forward_only is not None:  # its training step updates the model itself and returns None
+                warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     except RunStopped as stop:
         stopped = stop

@@ -7,7 +7,9 @@ parameters still being back-propagated are alive (peak gradient memory: a few pa
 
 Exact for element-wise optimizers (SGD, AdamW and their quantized forms): the update equals the stepped-
 after-backward one. It cannot accumulate gradients over micro-batches (the step happens in every backward)
-and global-norm gradient clipping is impossible (no moment sees all gradients): both are refused.
+and global-norm gradient clipping is impossible (no moment sees all gradients): both are refused. So is DDP
+(it would step each rank on its own gradient before DDP averages them); under FSDP2 (``trainer=fsdp``) the hook
+fires on each shard after the reduce-scatter, so it runs there.
 No options:
 
     lowmem-train recipe=llama_finetune strategy=step_in_backward optimizer=adamw8bit
@@ -16,64 +18,29 @@ No options:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import lightning as L
-from lightning.pytorch.strategies import DDPStrategy
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError
+from lowmem_train.optimizers import PerParameterOptimizer
 
 
-class StepInBackwardOptimizer(torch.optim.Optimizer):
-    """What Lightning drives: ``step(closure)`` only runs the closure (forward + backward, during which the
-    per-parameter optimizers step), ``zero_grad`` finds nothing left to zero. ``state`` and ``state_dict``
-    gather the per-parameter optimizers' states for the memory accounting and checkpoints."""
+class StepInBackwardOptimizer(PerParameterOptimizer):
+    """Per-parameter optimizers, each stepped in its parameter's post-accumulate-grad hook."""
 
     def __init__(self, params: Iterable[nn.Parameter],
                  build: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]):
         params = [p for p in params if p.requires_grad]
-        self.inner = [build([p]) for p in params]
-        super().__init__(params, {})
-        # The inner optimizers' groups themselves, so an LR scheduler on this optimizer reaches them.
-        self.param_groups = [group for optimizer in self.inner for group in optimizer.param_groups]
-        for param, optimizer in zip(params, self.inner):
-            param.register_post_accumulate_grad_hook(self._step_parameter(optimizer))
+        super().__init__(params, build)
+        for index, param in enumerate(params):
+            param.register_post_accumulate_grad_hook(partial(self._step_hook, index))
 
-    @staticmethod
-    def _step_parameter(optimizer: torch.optim.Optimizer):
-        def hook(param: torch.Tensor) -> None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return hook
-
-    @property
-    def state(self):
-        return {p: s for optimizer in self.inner for p, s in optimizer.state.items()}
-
-    @state.setter
-    def state(self, value):
-        """Optimizer.__init__ assigns an empty state; the real one lives in the per-parameter optimizers."""
-
-    def step(self, closure=None):
-        return closure() if closure is not None else None
-
-    def state_dict(self):
-        """The per-parameter optimizers' states as one optimizer's (parameter i is inner optimizer i's only
-        one), so tools that read optimizer state dicts (FSDP2's distributed checkpoint) see the usual layout."""
-        states = [optimizer.state_dict() for optimizer in self.inner]
-        return {"state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
-                "param_groups": [{**s["param_groups"][0], "params": [i]} for i, s in enumerate(states)]}
-
-    def load_state_dict(self, state_dict):
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != len(self.inner):
-            raise StrategyError("strategy 'step_in_backward': the checkpoint's optimizer state is not from a "
-                                "step_in_backward run of this model; resume with the same strategies")
-        for i, (optimizer, group) in enumerate(zip(self.inner, groups)):
-            state = state_dict["state"]
-            optimizer.load_state_dict({"state": {0: state[i]} if i in state else {},
-                                       "param_groups": [{**group, "params": [0]}]})
+    def _step_hook(self, index: int, param: torch.Tensor) -> None:
+        self.step_parameter(index)
 
 
 class RefuseAccumulation(L.Callback):

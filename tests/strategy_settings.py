@@ -38,6 +38,10 @@ STRATEGY_SETTINGS = {
     "lora": {"options": {"r": 4}, "needs": ("linear_blocks",), "adapter": True},
     # exact menu only (the default): the plan mixes keep / selective / checkpoint, gradients stay plain
     "auto": {"options": {"memory_budget": "0.75", "repeats": 1}, "saves_activations": True},
+    # forward-only: applying it leaves the model's forward and backprop's gradients as they are (its
+    # perturbations act only inside its own step, tests/test_zo_sgd.py); through the trainer it saves nothing
+    # at all (test_strategy_registry.LOOP_EFFECTS)
+    "zo_sgd": {"options": {"n_perturbations": 2}, "min_grad_cosine": 0.99},
 }
 
 

@@ -135,6 +135,7 @@ TRAIN_OPTIONS = {"skip_backward": {"warmup_steps": 1, "max_grad_error": 0.5}}
 LOOP_EFFECTS = {
     "step_in_backward": lambda report, plain: report["grad_bytes"] == 0 < plain["grad_bytes"],
     "skip_backward": lambda report, plain: report["strategy_report"]["skip_backward"]["skipped_share"] > 0,
+    "zo_sgd": lambda report, plain: report["activation_bytes"] == report["grad_bytes"] == 0,
 }
 
 
