@@ -152,7 +152,7 @@ def under_torchrun(args: list[str], multirun: bool) -> list[str]:
         return args
     if multirun:
         raise ConfigError("-m (multirun) cannot run under torchrun: start one torchrun per job, or sweep with "
-                          "hydra/launcher=submitit_slurm")
+                          "hydra/launcher=slurm")
     if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
         raise ConfigError("under torchrun every process must write into one run directory: add "
                           "hydra.run.dir=<dir> (on a file system all nodes share)")

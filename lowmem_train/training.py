@@ -33,10 +33,10 @@ from . import checkpoints
 from .causal_lm import sample_statistics
 from .errors import ConfigError, LowmemError, StrategyError, one_line
 from .memory import MemoryMonitor, format_report, gather_ranks, plot_curve, summarize, write_ranks, write_report
+from .optimizers import sharding_problem as optimizer_sharding_problem
 from .recipe import Recipe, StepOutput
 from .recompute import frozen_norm_statistics
 from .run_control import RunControl, RunStopped
-from .optimizers import sharding_problem as optimizer_sharding_problem
 from .saved_tensors import SavedBytesMeter
 from .sharding import FSDP2
 from .strategy import ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies

@@ -104,7 +104,8 @@ class CompileTimer(L.Callback):
 class Compile(Strategy):
     exact = True  # the same maths; fused kernels may round differently in the last bits
     order = 99  # last: compiles the blocks as the other strategies left them
-    incompatible_with = frozenset({"compress", "selective_checkpoint", "auto"})  # auto measures the plain model
+    # auto measures the plain model; zo_sgd swaps perturbed weights into modules at every forward (recompiles)
+    incompatible_with = frozenset({"compress", "selective_checkpoint", "auto", "zo_sgd"})
     Options = CompileOptions
     summary = "torch.compile (per block by default) with an on-disk cache reused by later runs"
 

@@ -277,3 +277,8 @@ def test_every_strategy_trains_sharded_as_under_ddp(name, tmp_path):
     assert fsdp["activation_bytes"] == pytest.approx(ddp["activation_bytes"], rel=0.05)
     if name != "step_in_backward":
         assert fsdp["ranks"][1]["param_bytes"] < 0.6 * ddp["ranks"][1]["param_bytes"]
+    if name == "lora":  # rank 0 saves the whole adapters, gathered from the shards
+        from safetensors.torch import load_file
+
+        sharded, replicated = (load_file(tmp_path / kind / "adapter/adapter_model.safetensors") for kind in ("fsdp", "ddp"))
+        assert sharded.keys() == replicated.keys() and all(torch.equal(sharded[k], replicated[k]) for k in sharded)

@@ -89,6 +89,17 @@ def test_parameters_filter_perturbs_only_the_chosen_ones():
         SPSA(model, parameters=["head.*"])
 
 
+@pytest.mark.filterwarnings("ignore:strategy 'lora' also acts on the training loop")
+def test_with_lora_only_the_adapters_are_perturbed():
+    from transformers import LlamaForCausalLM
+
+    from lowmem_train import apply_strategies
+
+    model = apply_strategies(LlamaForCausalLM(tiny_llama_config()), {"lora": {"r": 4}})
+    names = SPSA(model).names
+    assert names and all("lora_" in name for name in names)
+
+
 def run_losses(run_dir) -> list[float]:
     with open(run_dir / "memory.csv") as file:
         return [float(row["loss"]) for row in csv.DictReader(file)]
