@@ -196,6 +196,7 @@ def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
     (["optimizer=adamw8bit", "optimizer.backend=bitsandbytes"], "optimizer cannot run under trainer=fsdp: "),
     (["strategy=lora", "strategy.lora.quantize=nf4"], "strategy 'lora' cannot run under trainer=fsdp: "),
     (["trainer.strategy.param_dtype=bf16"], "trainer.strategy: param_dtype='bf16'; valid: float32, bfloat16"),
+    (["strategy=zo_sgd"], "strategy 'zo_sgd' cannot run under trainer=fsdp: "),
 ])
 def test_what_cannot_run_sharded_is_refused_in_one_line(extra, message, tmp_path):
     from conftest import run_cli
@@ -265,7 +266,8 @@ def test_step_in_backward_is_refused_under_ddp(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in available_strategies() if n != "none"])
+@pytest.mark.parametrize("name", [n for n in available_strategies()
+                                  if n != "none" and get_strategy_class(n)().sharding_problem() is None])
 def test_every_strategy_trains_sharded_as_under_ddp(name, tmp_path):
     """The same run under trainer=fsdp and under DDP: the same losses (lossy ones within 2e-3: velora draws its
     projections per run) and the same saved activations; each rank holds half the parameters. step_in_backward,
