@@ -116,12 +116,15 @@ class SPSA:
 
     @contextmanager
     def perturbed(self, sign: float, seed: int) -> Iterator[None]:
-        """Forwards inside see theta + sign * eps * z(seed); the parameters themselves are not touched."""
+        """Forwards inside see theta + sign * eps * z(seed); the parameters themselves are not touched (also when
+        a forward raises: what it swapped in is swapped back)."""
         self.active = (sign * self.eps, seed)
         try:
             yield
         finally:
             self.active = None
+            for module in self.owners:
+                self._restore(module, None, None)
 
     def seeds(self, step: int) -> list[int]:
         """The step's seeds: a function of (seed, step) only, so a resumed run draws the same ones."""

@@ -50,6 +50,15 @@ def test_perturbed_forwards_leave_the_parameters_bit_identical(dtype):
         assert torch.equal(model(input_ids=tokens).logits, plain)
 
 
+def test_a_forward_that_raises_leaves_the_parameters_in_place():
+    model = mlp()
+    weight = model[3].weight
+    spsa = SPSA(model)
+    with pytest.raises(RuntimeError), torch.no_grad(), spsa.perturbed(1.0, seed=1):
+        model(torch.randn(2, 5))  # wrong width: the first Linear's forward raises after its pre-hook
+    assert model[0].weight is spsa.parameters[0] and model[3].weight is weight
+
+
 def test_estimate_averaged_over_seeds_points_along_the_gradient():
     model, (x, y) = mlp(), batch()
     nn.functional.cross_entropy(model(x), y).backward()
