@@ -73,23 +73,23 @@ def step_seconds(model: nn.Module, loss_fn) -> float:
     return time.perf_counter() - start
 
 
-def configurations(base: nn.Module, loss_fn):
+def configurations(base: nn.Module, loss_fn, budgets=BUDGETS):
     example = ExampleBatch(loss=loss_fn, build_optimizer=torch.optim.AdamW, device=torch.device("cpu"))
     for name, spec in HAND_PICKED.items():
         yield name, "hand-picked", lambda spec=spec: apply_strategies(copy.deepcopy(base), spec)
     for lossy in (False, True):
-        for budget in BUDGETS:
+        for budget in budgets:
             spec = {"auto": {"memory_budget": str(budget), "allow_lossy": lossy}}
             label = f"auto {budget}{' lossy' if lossy else ''}"
             yield label, "auto lossy" if lossy else "auto", \
                 lambda spec=spec: apply_strategies(copy.deepcopy(base), spec, example=example)
 
 
-def run(base: nn.Module, loss_fn, rounds: int) -> list[dict]:
+def run(base: nn.Module, loss_fn, rounds: int, budgets=BUDGETS) -> list[dict]:
     """Every configuration built first, then timed round-robin (one step each per round, the fastest of
     ``rounds`` counts), so a machine that drifts slower or faster over the run treats them all alike."""
     built = []
-    for name, family, build in configurations(base, loss_fn):
+    for name, family, build in configurations(base, loss_fn, budgets):
         try:
             model = build()
         except StrategyError as exc:
@@ -172,12 +172,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=256, help="sequence length (llama) or image size (resnet)")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per configuration, round-robin")
+    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS, help="auto's memory_budget values")
     parser.add_argument("--out", type=Path, default=Path("bench_auto"))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     base, loss_fn = (llama_case if args.model == "llama" else resnet_case)(args.batch, args.size)
-    rows = run(base, loss_fn, args.rounds)
+    rows = run(base, loss_fn, args.rounds, args.budgets)
     solver_s = solver_seconds()
     title = f"{args.model}, batch {args.batch}, size {args.size}, CPU ({torch.get_num_threads()} threads)"
     write(rows, args.out, title, solver_s)

@@ -1,7 +1,8 @@
 """Triton kernels of approx_bp, one memory pass each instead of chains of elementwise PyTorch ops.
 
-Imported by ``approx_bp`` only for CUDA tensors; ``approx_bp``'s PyTorch functions are the reference
-(tests run these kernels on CPU tensors under ``TRITON_INTERPRET=1``). Inputs must be contiguous.
+Imported by ``approx_bp`` only for CUDA tensors; ``approx_bp``'s PyTorch functions are the reference.
+``check_against_reference`` compares the two: on CUDA before the GPU benchmark times anything, on CPU tensors
+under ``TRITON_INTERPRET=1`` in the tests. Inputs must be contiguous.
 """
 
 from __future__ import annotations
@@ -114,3 +115,41 @@ def norm_backward(grad: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, cente
     _norm_backward_kernel[(grad.numel() // width,)](grad, y, rstd, out, width, CENTERED=centered, BLOCK=block,
                                                     num_warps=_warps(block))
     return out
+
+
+def check_against_reference(device: str | torch.device) -> None:
+    """Raises AssertionError naming the case where the kernels on ``device`` tensors differ from
+    ``approx_bp``'s PyTorch functions (run on CPU copies, which never take the kernels): packed codes
+    bit-exact, the rest within rounding."""
+    from lowmem_train.bitpack import pack_bits
+    from lowmem_train.strategies import approx_bp as reference
+
+    generator = torch.Generator().manual_seed(0)
+    steps = (reference.REGELU2, reference.RESILU2, reference.GELU2_FIT, reference.SILU2_FIT)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for numel in (1, 7, 2051):
+            x = (torch.randn(numel, generator=generator) * 4).to(dtype)
+            grad = torch.randn(numel, generator=generator).to(dtype)
+            for step in steps:
+                case = f"approx_bp {step.name} {dtype} numel={numel}"
+                packed = pack_bits(reference.step_codes(x, step.thresholds), 2)
+                assert torch.equal(pack_step_codes(x.to(device), step.thresholds).cpu(), packed), f"{case}: codes"
+                torch.testing.assert_close(step_backward(grad.to(device), packed.to(device), step.levels).cpu(),
+                                           reference.step_backward(grad, packed, step),
+                                           msg=lambda m, case=case: f"{case}: step backward: {m}")
+        for width in (5, 96):
+            x = (torch.randn(3, 4, width, generator=generator) * 3 + 1).to(dtype)
+            grad = torch.randn(x.shape, generator=generator).to(dtype)
+            for centered in (True, False):
+                case = f"approx_bp norm {dtype} width={width} centered={centered}"
+                # fp32 within 1e-5: the kernel sums a row in another order than the CPU does
+                tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+                y, rstd = reference.norm_forward(x, 1e-5, centered, dtype)
+                y_kernel, rstd_kernel = norm_forward(x.to(device), 1e-5, centered, dtype)
+                torch.testing.assert_close(y_kernel.cpu(), y, **tolerance, msg=lambda m, c=case: f"{c}: y: {m}")
+                torch.testing.assert_close(rstd_kernel.cpu(), rstd, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, c=case: f"{c}: rstd: {m}")
+                torch.testing.assert_close(
+                    norm_backward(grad.to(device), y.to(device), rstd.to(device), centered, dtype).cpu(),
+                    reference.norm_backward(grad, y, rstd, centered, dtype), **tolerance,
+                    msg=lambda m, c=case: f"{c}: backward: {m}")

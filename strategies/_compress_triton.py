@@ -3,8 +3,9 @@
 One program per group of ``GROUP`` values: it finds the group's min and max, rounds them to bf16
 (minimum down, step up, exactly as the PyTorch reference in ``compress.py``), rounds every value
 stochastically with Philox noise from ``seed`` and writes the packed bytes. Dequantisation unpacks and
-rescales in one pass. Imported only for CUDA tensors; tested against the reference on CPU with
-``TRITON_INTERPRET=1``.
+rescales in one pass. Imported only for CUDA tensors. ``check_against_reference`` compares them with the
+reference: on CUDA before the GPU benchmark times anything, on CPU tensors under ``TRITON_INTERPRET=1`` in the
+tests.
 """
 
 from __future__ import annotations
@@ -80,3 +81,31 @@ def dequantize(codes: torch.Tensor, meta: torch.Tensor, bits: int, group_size: i
     out = torch.empty(n, dtype=dtype, device=codes.device)
     _dequantize_kernel[(meta.shape[0],)](codes, meta, out, n, BITS=bits, GROUP=group_size)
     return out
+
+
+def check_against_reference(device: str | torch.device) -> None:
+    """Raises AssertionError naming the case where the kernels on ``device`` tensors differ from the PyTorch
+    reference (run on CPU copies): group min and step bit-exact, dequantisation up to fma rounding, values
+    within one step, and the Philox rounding unbiased."""
+    import math
+
+    from lowmem_train.strategies import compress as reference
+
+    generator = torch.Generator().manual_seed(0)
+    for bits, n in ((1, 1), (2, 300), (4, 1024), (8, 300)):
+        x = torch.randn(n, generator=generator) * 3 + 1
+        codes, meta = quantize(x.to(device), bits, 128, seed=11)
+        ref_codes, ref_meta = reference.quantize(x, bits, 128, torch.Generator().manual_seed(0))
+        assert codes.shape == ref_codes.shape, f"compress quantize bits={bits} n={n}: codes shape {codes.shape}"
+        assert torch.equal(meta.cpu(), ref_meta), f"compress quantize bits={bits} n={n}: group min/step differ"
+        for dtype in (torch.float32, torch.bfloat16):
+            back = dequantize(codes, meta, bits, 128, n, dtype).cpu()
+            expected = reference.dequantize(codes.cpu(), meta.cpu(), bits, 128, n, dtype)
+            torch.testing.assert_close(back, expected, msg=lambda m: f"compress dequantize bits={bits} {dtype}: {m}")
+        step = meta[:, 1].float().cpu().repeat_interleave(128)[:n]
+        assert ((back.float() - x).abs() <= step * 1.01 + 0.05).all(), f"compress bits={bits} n={n}: off the grid"
+    x, samples = torch.randn(128, generator=generator), 100
+    mean = sum(dequantize(*quantize(x.to(device), 2, 128, seed), 2, 128, 128, torch.float32).cpu()
+               for seed in range(samples)) / samples
+    step = float(quantize(x.to(device), 2, 128, 0)[1][0, 1])
+    assert ((mean - x).abs() <= 5 * step / (2 * math.sqrt(samples))).all(), "compress: Philox rounding is biased"

@@ -21,6 +21,7 @@ non-deterministic blocks) warns and falls back to plain autograd (storing activa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,19 @@ class Reversible(Strategy):
     summary = ("RevNet two-stream stacks: block activations rebuilt from outputs, memory flat in depth "
                "(changes the architecture; ~1 extra block forward in backward)")
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.stacks: dict[str, _Stack] = {}  # by first block
+
+    def report(self) -> dict:
+        """Whether each stack still rebuilds its activations: one whose drift check failed (bf16 or fp16
+        arithmetic, typically) stores them as plain autograd does, and saves nothing."""
+        if not self.stacks:
+            return {}
+        return {"stacks": len(self.stacks),
+                "stacks_storing_activations": sorted(name for name, s in self.stacks.items() if s.plain),
+                "max_rebuild_error": max(s.max_error for s in self.stacks.values())}
+
     def plan(self, model: nn.Module) -> list[Touch]:
         pretrained = getattr(getattr(model, "config", None), "name_or_path", "")
         if pretrained:
@@ -92,6 +106,7 @@ class Reversible(Strategy):
             if "_lowmem_rev" in model.get_submodule(stack_names[0]).__dict__:
                 continue
             stack = _Stack(self.options.drift_check_every, self.options.drift_tolerance)
+            self.stacks[stack_names[0]] = stack
             for index, name in enumerate(stack_names):
                 block = model.get_submodule(name)
                 block._lowmem_rev = _Position(stack, name, index == 0, index == len(stack_names) - 1)
@@ -256,6 +271,9 @@ class _Coupling(torch.autograd.Function):
         devices = sorted({t.device.index or 0 for t in (x1, x2) if t.is_cuda})
         rng = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
         ctx.devices, ctx.tensor_count = devices, len(tensors)
+        device_type = x1.device.type  # autograd runs backward outside autocast: re-entered for the rebuild
+        ctx.autocast = ((device_type, torch.get_autocast_dtype(device_type))
+                        if torch.is_autocast_enabled(device_type) else None)
         with torch.no_grad():
             y1, y2 = x2, x1 + residual(x2, *tensors)
         y1 = y1.clone()  # an output of its own: x2 may be freed or rebuilt independently
@@ -276,7 +294,8 @@ class _Coupling(torch.autograd.Function):
         kept, truth = saved[:ctx.kept], saved[ctx.kept:]
         y1, y2 = kept if kept else stack.handoff
         stack.handoff = None
-        with torch.random.fork_rng(devices=ctx.devices), frozen_norm_statistics(block), torch.enable_grad():
+        autocast = torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=ctx.devices), frozen_norm_statistics(block), torch.enable_grad(), autocast:
             torch.set_rng_state(rng[0])
             for device, state in zip(ctx.devices, rng[1:]):
                 torch.cuda.set_rng_state(state, device)

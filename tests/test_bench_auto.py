@@ -13,12 +13,14 @@ def test_sweep_measures_every_configuration_and_auto_meets_its_budgets(tmp_path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    rows = bench.main(["--model", "llama", "--batch", "2", "--size", "32", "--rounds", "1", "--out", str(tmp_path)])
+    budgets = ["0.15", "0.3", "0.7"]
+    rows = bench.main(["--model", "llama", "--batch", "2", "--size", "32", "--rounds", "1", "--budgets", *budgets,
+                       "--out", str(tmp_path)])
     by_config = {row["config"]: row for row in rows}
     assert set(bench.HAND_PICKED) <= set(by_config)
     plain = by_config["none"]["saved_bytes"]
     autos = [row for row in rows if row["family"].startswith("auto")]
-    assert len(autos) >= len(bench.BUDGETS)  # the small budgets may be refused, most are met
+    assert len(autos) >= len(budgets)  # the small budgets may be refused, most are met
     for row in autos:
         budget = float(row["config"].split()[1])
         assert row["saved_bytes"] <= 1.05 * budget * plain, row

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, T5Config, T5EncoderModel
 
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
+from lowmem_train.strategy import apply_built
 from lowmem_train.strategies.reversible import use_plain_autograd
 from tiny_models import TinyResNet, tiny_llama_config
 
@@ -72,11 +73,15 @@ def test_grads_match_plain_autograd_of_the_converted_architecture(build):
 
 def test_bf16_drift_beyond_tolerance_warns_and_falls_back_to_storing():
     model, loss_fn = llama(2, torch.bfloat16)
-    converted = apply_strategies(model, {"reversible": {"drift_check_every": 1, "drift_tolerance": 1e-6}})
+    strategy = get_strategy_class("reversible")({"drift_check_every": 1, "drift_tolerance": 1e-6})
+    apply_built(model, [strategy])
+    assert strategy.report() == {"stacks": 1, "stacks_storing_activations": [], "max_rebuild_error": 0.0}
     with pytest.warns(UserWarning, match="falling back to storing"):
-        step(converted, loss_fn)
-    stack = converted.model.layers[0]._lowmem_rev.stack
+        step(model, loss_fn)
+    stack = model.model.layers[0]._lowmem_rev.stack
     assert stack.plain and stack.max_error > 1e-6
+    report = strategy.report()  # what the run's memory_report.json says of it
+    assert report["stacks_storing_activations"] == ["model.layers.0"] and report["max_rebuild_error"] > 1e-6
 
 
 def test_model_without_residual_blocks_is_refused():
@@ -161,3 +166,28 @@ def test_inverted_residuals_without_a_skip_are_left_out():
     model = torchvision.models.mobilenet_v2(width_mult=0.25)
     names = [t.module for t in get_strategy_class("reversible")().plan(model) if t.changed]
     assert names and all(model.get_submodule(n).use_res_connect for n in names)
+
+
+def test_mixed_precision_rebuilds_under_the_forwards_autocast():
+    """Under bf16 autocast (trainer.precision=bf16-mixed) the backward recomputes each block as its forward
+    ran: in autocast, so its convolutions see bf16 weights and inputs alike."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    model = TinyResNet(16).train()
+
+    def loss_fn(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.cross_entropy(m(x), y)
+
+    # bf16 sums rebuild a block's input within ~2e-3 (bf16's rounding), above the default tolerance
+    converted = apply_strategies(copy.deepcopy(model), {"reversible": {"drift_check_every": 1,
+                                                                        "drift_tolerance": 0.02}})
+    reference = copy.deepcopy(converted)
+    use_plain_autograd(reference)
+    _, got = step(converted, loss_fn)
+    _, expected = step(reference, loss_fn)
+    stack = next(m._lowmem_rev.stack for m in converted.modules() if "_lowmem_rev" in m.__dict__)
+    assert not stack.plain and 0 < stack.max_error < 0.02
+    for name in expected:
+        cosine = nn.functional.cosine_similarity(got[name].flatten(), expected[name].flatten(), dim=0)
+        assert cosine > 0.99, f"{name}: gradient cosine {cosine:.4f} against plain autograd under autocast"

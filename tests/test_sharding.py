@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -164,7 +165,10 @@ def cli_losses(run_dir) -> list[float]:
 
 
 def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
-    from conftest import read_report, run_cli
+    from conftest import compose_config, read_report, run_cli
+    from lowmem_train.cli import with_trainer_keywords
+    from lowmem_train.errors import LowmemError
+    from lowmem_train.training import validate_config
 
     runs = {"whole": ["trainer=fsdp", "trainer.max_steps=4"], "ddp": ["+trainer.strategy=ddp", "trainer.max_steps=4"],
             "first": ["trainer=fsdp", "trainer.max_steps=2"]}
@@ -174,9 +178,9 @@ def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
     for result in results.values():
         assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "first/checkpoints/step2.ckpt/meta.pt").exists()  # a sharded checkpoint: one directory
-    unsharded = run_cli(*FSDP_RUN, "+trainer.strategy=ddp", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}",
-                        f"run_dir={tmp_path / 'ddp_resumed'}", cwd=tmp_path)
-    assert unsharded.returncode == 2 and "is a sharded checkpoint" in unsharded.stderr.splitlines()[-1]
+    with pytest.raises(LowmemError, match="is a sharded checkpoint"):  # the CLI's one line, before any process starts
+        validate_config(compose_config(*with_trainer_keywords(
+            [*FSDP_RUN, "+trainer.strategy=ddp", f"ckpt_path={tmp_path / 'first/checkpoints/last.ckpt'}"])))
     whole = cli_losses(tmp_path / "whole")
     assert whole == pytest.approx(cli_losses(tmp_path / "ddp"), abs=1e-5)
     assert cli_losses(tmp_path / "resumed") == pytest.approx(whole[2:], abs=1e-6)
@@ -191,21 +195,32 @@ def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
     assert any("rank1/param_bytes" in path.read_text() for path in logged)  # the logger has every rank's figures
 
 
+def test_what_cannot_run_sharded_is_refused_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli(*TWO_RANKS, "trainer=fsdp", "optimizer=galore", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lowmem-train")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "optimizer cannot run under trainer=fsdp: " in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["optimizer=galore"], "optimizer cannot run under trainer=fsdp: "),
     (["optimizer=adamw8bit", "optimizer.backend=bitsandbytes"], "optimizer cannot run under trainer=fsdp: "),
     (["strategy=lora", "strategy.lora.quantize=nf4"], "strategy 'lora' cannot run under trainer=fsdp: "),
     (["trainer.strategy.param_dtype=bf16"], "trainer.strategy: param_dtype='bf16'; valid: float32, bfloat16"),
     (["strategy=zo_sgd"], "strategy 'zo_sgd' cannot run under trainer=fsdp: "),
 ])
-def test_what_cannot_run_sharded_is_refused_in_one_line(extra, message, tmp_path):
-    from conftest import run_cli
+def test_what_cannot_run_sharded_is_refused_before_the_processes_start(extra, message):
+    """In this process, by the checks the CLI runs before it launches anything (it prints their one line)."""
+    from conftest import compose_config
+    from lowmem_train.cli import with_trainer_keywords
+    from lowmem_train.errors import LowmemError
+    from lowmem_train.training import validate_config
 
-    result = run_cli(*TWO_RANKS, "trainer=fsdp", *extra, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("lowmem-train")]
-    assert len(errors) == 1 and message in errors[0] and result.stderr.strip().endswith(errors[0]), result.stderr
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(LowmemError, match=re.escape(message)):
+        validate_config(compose_config(*with_trainer_keywords([*TWO_RANKS, "trainer=fsdp", *extra])))
 
 
 def test_slurm_launcher_asks_one_task_per_device_on_every_node():
