@@ -74,10 +74,12 @@ class InstructData:
     input_field: str = "input"  # optional context, appended to the instruction
     output_field: str = "output"
     tokenizer: Optional[str] = None  # null: the model's own tokenizer (model.name_or_path)
-    seq_len: int = 512  # longer examples are truncated (counted in the report)
+    seq_len: int = 512  # longer examples are truncated (counted in the report); at most the model's positions
     packing: bool = False  # true: join whole short examples into rows of up to seq_len tokens
     num_proc: Optional[int] = None  # processes for tokenisation (datasets.map); null: this one
-    val_fraction: float = 0.02
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily before and after training (report)
+    val_fraction: float = 0.02  # share of the rows held out for val/loss (0: no validation)
+    val_rows: Optional[int] = None  # an exact number of held-out rows instead of val_fraction (0: no validation)
     batch_size: int = 8
     num_workers: int = 0
     seed: int = 0
@@ -99,7 +101,9 @@ class TextData:
     tokenizer: Optional[str] = None  # null: the model's own tokenizer (model.name_or_path)
     seq_len: int = 256
     num_proc: Optional[int] = None  # processes for tokenisation (datasets.map); null: this one
-    val_fraction: float = 0.05  # share of the token blocks held out for val/loss
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily before and after training (report)
+    val_fraction: float = 0.05  # share of the token blocks held out for val/loss (0: no validation)
+    val_rows: Optional[int] = None  # an exact number of held-out blocks instead of val_fraction (0: no validation)
     batch_size: int = 8
     num_workers: int = 0
     seed: int = 0

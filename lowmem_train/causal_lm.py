@@ -12,6 +12,7 @@ target (prompt masking, padding).
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,25 @@ class CausalLMWithLossHead(nn.Module):
         return loss_forward(self.causal_lm, self.loss_head, labels, input_ids=input_ids, **inputs)
 
 
+def record_source(causal_lm: nn.Module, name_or_path: str | None, gguf_file: str | None, dtype: torch.dtype) -> None:
+    """Note where the weights were loaded from (a local directory made absolute), for files that must name
+    their base: a saved adapter. A GGUF base is not visible in the transformers config, hence this note."""
+    if name_or_path and os.path.exists(os.path.expanduser(name_or_path)):
+        name_or_path = os.path.abspath(os.path.expanduser(name_or_path))
+    causal_lm.lowmem_source = {"base_model_name_or_path": name_or_path, "gguf_file": gguf_file,
+                               "dtype": str(dtype).removeprefix("torch.")}
+
+
+def source_of(causal_lm: nn.Module) -> dict:
+    """What ``record_source`` noted; for a model loaded otherwise, what its config says."""
+    noted = getattr(causal_lm, "lowmem_source", None)
+    if noted is not None:
+        return noted
+    config = getattr(causal_lm, "config", None)
+    return {"base_model_name_or_path": getattr(config, "_name_or_path", None) or None, "gguf_file": None,
+            "dtype": str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")}
+
+
 def causal_lm_of(model: nn.Module) -> nn.Module | None:
     """The causal LM whose loss a head of ``model`` computes (the recipe's wrapper or a bare one), or None."""
     if isinstance(model, CausalLMWithLossHead):
@@ -234,3 +254,72 @@ def _forward_with_loss_head(self: nn.Module, input_ids: torch.Tensor | None = No
     divisor = output.per_sample_count.sum() if num_items_in_batch is None else num_items_in_batch
     loss = output.per_sample_loss.sum() / torch.as_tensor(divisor, device=output.per_sample_loss.device).clamp_min(1)
     return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+# Sizes a causal LM's config gives as counts: each must be a positive integer for the model to build.
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+SAMPLE_NEW_TOKENS = 32  # how far a sample generation runs past its prompt
+
+
+def decoder_problem(config) -> str | None:
+    """Why a transformers config is no causal decoder with a causal-LM head, or None. Catches what
+    ``AutoModelForCausalLM`` would load anyway: an encoder such as BERT (``BertLMHeadModel`` attends both ways
+    unless ``is_decoder``), an encoder-decoder, weights saved without a causal-LM head."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{kind} is an encoder-decoder model, not a causal decoder"
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"{kind} has no causal-LM head in transformers (AutoModelForCausalLM does not take it)"
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return f"{kind} is a bidirectional encoder (is_decoder=false): each position would see the token it predicts"
+    causal_classes = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                      for name in ((names,) if isinstance(names, str) else names)}
+    saved = getattr(config, "architectures", None) or []
+    if saved and not causal_classes & set(saved):
+        return f"its weights are a {saved[0]}, which has no causal-LM head"
+    return None
+
+
+def size_problem(config, head_dim_given: bool) -> tuple[str, str] | None:
+    """(key, why) for a size in ``config`` that no model can be built with, or None: a count that is not a
+    positive integer, heads that do not split ``hidden_size`` (unless ``head_dim`` is given), query heads that
+    key/value heads do not divide."""
+    for key in POSITIVE_SIZES:
+        value = getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return key, f"must be a positive integer, got {value!r}"
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if hidden and heads and not head_dim_given and hidden % heads:
+        divisors = [n for n in range(1, hidden + 1) if hidden % n == 0]
+        valid = [n for n in divisors if n % kv_heads == 0] or divisors
+        return "num_attention_heads", (f"={heads} does not divide hidden_size={hidden} into equal heads; valid: "
+                                       f"{', '.join(map(str, valid[:8]))}{', ...' if len(valid) > 8 else ''}")
+    if heads and kv_heads and heads % kv_heads:
+        return "num_key_value_heads", f"={kv_heads} does not divide num_attention_heads={heads}"
+    return None
+
+
+@torch.no_grad()
+def greedy_answer(causal_lm: nn.Module, tokenizer, prompt: str, max_new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
+    """The model's greedy continuation of ``prompt``, as a user turn through the tokenizer's chat template
+    when it has one: what ``generate(do_sample=False)`` of a plain transformers model gives, new tokens only,
+    special tokens skipped. Train/eval flags and the random streams are left as they were."""
+    from .undisturbed import undisturbed
+
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    device = next(causal_lm.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with undisturbed(causal_lm, buffers=False):
+        causal_lm.eval()
+        output = causal_lm.generate(ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)

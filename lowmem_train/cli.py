@@ -6,10 +6,12 @@ as one line naming the bad key and the valid choices, with exit status 2.
 
 The run directory is claimed before Hydra writes into it: Hydra's default ``outputs/<date>/<time>`` gets a
 ``-1``, ``-2``... suffix when another run already has it, and an explicit ``hydra.run.dir`` /
-``hydra.sweep.dir`` must be empty or new. Everything in a claimed directory is therefore this run's own:
-a run that fails on bad input removes its directory (only its own job's, in a sweep) and nothing else.
-Any other exception prints one line pointing at the traceback in the run's log file (``LOWMEM_DEBUG=1``
-shows it on the terminal). A stopped run (Ctrl-C, SIGTERM, a non-finite loss) exits with 130, 143 or 3.
+``hydra.sweep.dir`` must be empty or new, and either must be writable. Everything in a claimed directory is
+therefore this run's own: a run that fails on bad input removes its directory (only its own job's, in a
+sweep) and nothing else. Any other exception prints one line pointing at the traceback in the run's log file
+(``LOWMEM_DEBUG=1`` shows it on the terminal). A stopped run (Ctrl-C, SIGTERM, a non-finite loss) exits with
+130, 143 or 3. In a sweep a job that fails or stops on a non-finite value is recorded (``failed.json``, a
+row of ``sweep_summary.md``) and the next job runs; the sweep's exit status then says a job failed.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config_store import register_configs
 from .errors import ConfigError, LowmemError, one_line
+from .run_control import EXIT_CODES as SIGNAL_EXIT_CODES
+from .sweep import SUMMARY_FILE, failed_jobs, record_failure
 from .training import train, trainer_parameters, validate_config
 from .validation import schema_problem
 
@@ -119,29 +124,59 @@ def claim_output_dir(args: list[str], multirun: bool = False) -> list[str]:
     """Claim the run (or sweep) directory before Hydra writes into it; ``args`` with it set explicitly.
 
     An explicit directory must be empty or new. The default one (Hydra's ``outputs/<date>/<time>``) gets a
-    numeric suffix when another run, maybe started in the same second, already has it.
+    numeric suffix when another run, maybe started in the same second, already has it. Either must be writable.
     """
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [a for a in args if a.lstrip("+").startswith(key + "=")]
     if given:
         path = Path(resolve_now(given[-1].split("=", 1)[1].strip("'\"")))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}={path} is a file, not a directory; choose a new directory")
         if path.is_dir() and any(path.iterdir()):
             raise ConfigError(f"{key}={path} is not empty (an earlier run's files are there); choose a new directory: "
                               "lowmem-train never writes into another run's folder")
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        created = make_run_dir(key, path, exist_ok=True)
     else:
         default = default_output_dir(key)
         for n in itertools.count():
             path = default if n == 0 else default.with_name(f"{default.name}-{n}")
             try:
-                path.mkdir(parents=True)
+                created = make_run_dir(key, path, exist_ok=False)
                 break
             except FileExistsError:
                 continue
-        created = True
-    claimed.update(path=path.resolve(), created=created)
+    claimed.update(path=path.resolve(), created=[p.resolve() for p in created])
     return [a for a in args if a not in given] + [f"{key}='{path}'"]
+
+
+def make_run_dir(key: str, path: Path, *, exist_ok: bool) -> list[Path]:
+    """Create ``path`` and write a probe file into it, so a read-only place or a file on the way fails here as
+    one line, not in Hydra as a traceback. Returns the directories it created, deepest first; raises
+    FileExistsError when ``path`` is taken and not ``exist_ok`` (another run has it)."""
+    new = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+        probe = path / ".lowmem-train-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and not exist_ok and path.is_dir():
+            raise
+        remove_empty_dirs(new)
+        raise ConfigError(f"{key}={path} cannot be written ({exc.strerror or one_line(exc)}: {exc.filename}); "
+                          "choose a directory you can write to") from None
+    return new
+
+
+def remove_empty_dirs(paths: list[Path]) -> None:
+    """Remove ``paths`` in order (deepest first) while they are empty: another run may have put its own in one."""
+    for path in paths:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def under_torchrun(args: list[str], multirun: bool) -> list[str]:
@@ -221,22 +256,23 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
 
 
 def remove_own_output(job_dir: Path) -> None:
-    """After bad input: remove this job's directory, which lies in the directory this process claimed."""
+    """After bad input: remove this job's directory, which lies in the directory this process claimed. A single
+    run's is the claimed one: the parents the claim created go too, while empty (``outputs/<date>``); a
+    sweep's job removes only its own (the sweep goes on)."""
     root = claimed.get("path")
     job_dir = job_dir.resolve()
     if root is None or not (job_dir == root or root in job_dir.parents):
         return
-    if job_dir == root and not claimed["created"]:
-        for path in job_dir.iterdir():  # it was empty when claimed: everything in it is this run's
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    if job_dir != root or claimed["created"]:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if job_dir == root:
+            remove_empty_dirs(claimed["created"][1:])
         return
-    shutil.rmtree(job_dir, ignore_errors=True)
-    leftovers = {p.name for p in root.iterdir()} if root.is_dir() else set()
-    if root != job_dir and claimed["created"] and leftovers <= {"multirun.yaml"}:
-        shutil.rmtree(root, ignore_errors=True)  # a sweep whose first job failed: nothing of it is left
+    for path in job_dir.iterdir():  # it was empty when claimed: everything in it is this run's
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
@@ -246,23 +282,43 @@ def run(cfg: DictConfig) -> None:
     try:
         report = train(cfg)
     except LowmemError as exc:
-        print(f"lowmem-train: error: {exc}", file=sys.stderr)
         remove_own_output(job_dir)
-        sys.exit(2)
+        return end_job(hydra_cfg, "error", 2, str(exc))
     except Exception as exc:
         if os.environ.get("LOWMEM_DEBUG"):
             raise
         log = job_dir / f"{hydra_cfg.job.name}.log"
         with open(log, "a") as file:
             traceback.print_exc(file=file)
-        print(f"lowmem-train: error: {type(exc).__name__}: {one_line(exc)} (traceback in {log}; LOWMEM_DEBUG=1 "
-              "prints it)", file=sys.stderr)
-        sys.exit(1)
+        return end_job(hydra_cfg, "error", 1, f"{type(exc).__name__}: {one_line(exc)} (traceback in {log}; "
+                                              "LOWMEM_DEBUG=1 prints it)")
     stopped = (report or {}).get("stopped")
     if stopped:
-        print(f"lowmem-train: stopped: {stopped['reason']}; report in {job_dir}; resume with "
-              f"ckpt_path={stopped['checkpoint']}", file=sys.stderr)
-        sys.exit(stopped["exit_code"])
+        end_job(hydra_cfg, "stopped", stopped["exit_code"], f"{stopped['reason']}; report in {job_dir}; resume with "
+                                                            f"ckpt_path={stopped['checkpoint']}")
+
+
+def end_job(hydra_cfg, status: str, exit_code: int, message: str) -> None:
+    """A run that failed or stopped: one line on stderr. A single run exits with ``exit_code``; a sweep's job
+    records it in its folder (its row of ``sweep_summary.md``) and returns, so the next job runs. A signal
+    (Ctrl-C, SIGTERM) ends the whole sweep."""
+    if hydra_cfg.mode != RunMode.MULTIRUN or exit_code in SIGNAL_EXIT_CODES.values():
+        print(f"lowmem-train: {status}: {message}", file=sys.stderr)
+        sys.exit(exit_code)
+    overrides = list(hydra_cfg.overrides.task)
+    print(f"lowmem-train: {status}: job {hydra_cfg.job.num} ({' '.join(overrides)}): {message}", file=sys.stderr)
+    record_failure(Path(hydra_cfg.runtime.output_dir), job=hydra_cfg.job.num, overrides=overrides, status=status,
+                   exit_code=exit_code, message=message)
+
+
+def exit_if_jobs_failed(sweep_dir: Path) -> None:
+    """After a sweep: a non-zero exit when any job failed, the jobs' own status when they agree, else 1."""
+    failed = failed_jobs(sweep_dir)
+    if failed:
+        codes = {f["exit_code"] for f in failed}
+        print(f"lowmem-train: error: sweep job(s) {', '.join(str(f['job']) for f in failed)} failed; see "
+              f"{sweep_dir / SUMMARY_FILE}", file=sys.stderr)
+        sys.exit(codes.pop() if len(codes) == 1 else 1)
 
 
 def quiet_third_party_noise() -> None:
@@ -283,6 +339,10 @@ def main() -> None:
     from hydra._internal.utils import get_args_parser  # Hydra's own flags (-m, --cfg job, ...) and overrides
 
     quiet_third_party_noise()
+    if sys.argv[1:2] == ["export"]:  # lowmem-train export <run_dir> [--out DIR]: no Hydra run
+        from .export import main as export_main
+
+        sys.exit(export_main(sys.argv[2:]))
     args = with_trainer_keywords(sys.argv[1:])
     flags = get_args_parser().parse_args(args)
     runs = not (flags.cfg or flags.help or flags.hydra_help or flags.info or flags.shell_completion)
@@ -297,3 +357,5 @@ def main() -> None:
         sys.exit(2)
     sys.argv = sys.argv[:1] + args
     run()
+    if flags.multirun and claimed.get("path"):
+        exit_if_jobs_failed(claimed["path"])

@@ -9,14 +9,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from .errors import ConfigError
 
 def check_data_config(data: DictConfig) -> None:
-    """The counts and sizes a data config holds are >= 1 (``num_workers`` >= 0, ``num_proc`` may be null); their
-    types are the data schema's (``lowmem_train/configs/groups.py``)."""
-    for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers", "num_proc"):
-        if key not in data or (key == "num_proc" and data[key] is None):
+    """The counts and sizes a data config holds are integers >= 1 (``num_workers`` and ``val_rows`` >= 0,
+    ``num_proc`` and ``val_rows`` may be null; ``seq_len`` >= 2: a row trains on the tokens after its first)
+    and ``val_fraction`` lies in [0, 1); their types are the data schema's (``lowmem_train/configs/groups.py``).
+    Called when a recipe is built, so every job of a sweep is checked before any runs."""
+    least = {"num_workers": 0, "val_rows": 0, "seq_len": 2}
+    for key in ("batch_size", "num_samples", "image_size", "seq_len", "num_workers", "num_proc", "val_rows"):
+        if key not in data or (key in ("num_proc", "val_rows") and data[key] is None):
             continue
-        value, least = data[key], 0 if key == "num_workers" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"data.{key} must be an integer >= {least}, got {value!r}")
+        value, minimum = data[key], least.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
+    if "val_fraction" in data and not 0 <= data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {data.val_fraction}")
 
 
 class EpochShuffle(DistributedSampler):
@@ -87,13 +92,31 @@ def synthetic_tokens(num_samples: int, seq_len: int, vocab_size: int, seed: int)
     return TensorDataset(torch.randint(0, vocab_size, (num_samples, seq_len), generator=generator))
 
 
-def split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """A fixed random train/validation split (``val_fraction`` 0 gives no validation set)."""
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    num_val = int(round(len(dataset) * val_fraction))
+MIN_VAL_ROWS = 8  # a validation set smaller than this gives a metric too noisy to compare runs by
+
+
+def split(dataset: Dataset, data: DictConfig) -> tuple[Dataset, Dataset | None]:
+    """A fixed random train/validation split (by ``data.seed``): ``data.val_rows`` rows when the data config
+    has that key set, else ``data.val_fraction`` of them (0 gives no validation set). A fraction that holds
+    out nothing, or fewer than ``MIN_VAL_ROWS`` rows, is said in one printed line instead of passing unseen."""
+    total, val_rows = len(dataset), data.get("val_rows")
+    more = f"data.val_rows=N (N >= {MIN_VAL_ROWS}) or a larger data.val_fraction" if "val_rows" in data \
+        else "a larger data.val_fraction"
+    if val_rows is not None:
+        if val_rows >= total:
+            raise ConfigError(f"data.val_rows={val_rows} leaves no training rows: the data has {total} rows; "
+                              f"set data.val_rows below {total}")
+        num_val, asked = val_rows, f"data.val_rows={val_rows}"
+    else:
+        fraction = float(data.val_fraction)
+        num_val, asked = min(int(round(total * fraction)), total - 1), f"data.val_fraction={fraction}"
+        if fraction > 0 and num_val == 0:
+            print(f"data: {asked} of {total} rows holds out none: no validation; for one set {more}")
     if num_val == 0:
         return dataset, None
-    generator = torch.Generator().manual_seed(seed)
-    train, val = torch.utils.data.random_split(dataset, [len(dataset) - num_val, num_val], generator=generator)
+    if num_val < MIN_VAL_ROWS:
+        print(f"data: validation holds only {num_val} of {total} rows ({asked}), too few for a meaningful "
+              f"validation metric; set {more}")
+    generator = torch.Generator().manual_seed(int(data.seed))
+    train, val = torch.utils.data.random_split(dataset, [total - num_val, num_val], generator=generator)
     return train, val

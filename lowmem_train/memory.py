@@ -243,7 +243,7 @@ def format_report(report: dict) -> str:
         f"  gradients            {gib('grad_bytes')}{split('grad_bytes')}",
         f"  optimizer state      {gib('optimizer_state_bytes')}{split('optimizer_state_bytes')}",
         f"  throughput           {report['samples_per_s']:.1f} samples/s" if report["samples_per_s"] else "",
-        f"  final train loss     {report['final_train_loss']:.4f}",
+        f"  train loss           {report['final_train_loss']:.4f}  (mean of the last {min(10, report['steps'])} steps)",
     ]
     if len(report.get("ranks", ())) > 1:
         lines.append("  per rank (GiB)       rank  peak    activations  parameters  gradients  optimizer")
@@ -255,6 +255,9 @@ def format_report(report: dict) -> str:
     for name, figures in report.get("strategy_report", {}).items():
         lines.append(f"  {name:<20} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in figures.items() if not isinstance(v, (dict, list))))
+    rounding = report.get("low_precision_updates")
+    if rounding and rounding["below_half_ulp_share"] is not None:
+        lines.append(low_precision_line(rounding))
     if report.get("nonfinite_skipped_steps"):
         lines.append(f"  non-finite steps     {report['nonfinite_skipped_steps']} skipped (on_nonfinite=skip)")
     if report.get("stopped"):
@@ -264,3 +267,13 @@ def format_report(report: dict) -> str:
         lines.append("  validation           " + ", ".join(f"{k}={v:.4f}" for k, v in report["validation"].items()))
     lines.append(f"files in {report['run_dir']}: " + ", ".join(report["files"]))
     return "\n".join(line for line in lines if line)
+
+
+def low_precision_line(rounding: dict) -> str:
+    """What became of the updates to bf16/fp16 weights; a warning when round-to-nearest lost most of them."""
+    share = rounding["below_half_ulp_share"]
+    if rounding["mode"] == "nearest":
+        warning = "; most were lost: use low_precision_updates=stochastic or kahan" if share > 0.5 else ""
+        return f"  bf16/fp16 updates    {share:.1%} lost to round-to-nearest (low_precision_updates=nearest){warning}"
+    return (f"  bf16/fp16 updates    {share:.1%} below half an ulp, kept by low_precision_updates={rounding['mode']} "
+            "(nearest would lose them)")

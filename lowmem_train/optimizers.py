@@ -171,7 +171,6 @@ def _project_back(update: torch.Tensor, projection: torch.Tensor) -> torch.Tenso
     return update @ projection if projection.shape[0] < projection.shape[1] else projection @ update
 
 
-
 def sharding_problem(optimizer: torch.optim.Optimizer) -> str | None:
     """Why ``optimizer`` cannot step FSDP2's sharded parameters (``trainer=fsdp``: each rank holds a slice of
     rows of every parameter, as a DTensor), or None. Checked on the CPU with torch 2.14: torchao's 8-bit AdamW

@@ -8,6 +8,7 @@ and ``validation_step`` on every validation batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -82,6 +83,16 @@ class Recipe:
     def validation_step(self, model: nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
         """Metrics of one validation batch (averaged over batches by Lightning) and its size."""
         raise NotImplementedError
+
+    def generate(self, model: nn.Module, prompts: list[str]) -> list[str]:
+        """The model's answer to each prompt (``data.sample_prompts``), shown before and after training."""
+        raise ConfigError(f"data.sample_prompts: recipe {self.name} does not generate text")
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write the trained ``model`` into the new ``directory`` in the form its library loads without
+        lowmem-train (a Hugging Face model directory for a causal LM). Called at the end of a full fine-tune
+        and by ``lowmem-train export``; a recipe without one keeps this refusal."""
+        raise ConfigError(f"recipe {self.name} has no model export")
 
     def subset(self, batch, keep: torch.Tensor):
         """The samples of ``batch`` where the boolean ``keep`` is true (for strategies that select samples).

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
@@ -90,20 +89,19 @@ SHARDED = "_lowmem_sharded"  # set on a model by lowmem_train.sharding.shard_mod
 
 
 class ModelState:
-    """``pointer in ModelState(model)``: whether a storage is the model's state (``model_state_storages`` at
-    entry) or, for a sharded model (FSDP2), a whole weight gathered for the block running now: FSDP2 swaps a
-    block's sharded parameters for gathered ones during its forward, so those are looked up when asked."""
+    """``ModelState(model).holds(tensor, storage)``: whether a saved tensor's storage is the model's state
+    (``model_state_storages`` at entry) rather than an activation. On a sharded model (FSDP2) a block's whole
+    weights are gathered into storages that come and go, and swapped in as the block's parameters during its
+    forward: a saved parameter, or a view of one, is model state too."""
 
     def __init__(self, model: nn.Module | None):
-        self.model = model
         self.storages = model_state_storages(model)
         self.sharded = model is not None and model.__dict__.get(SHARDED, False)
 
-    def __contains__(self, pointer: int) -> bool:
-        if pointer in self.storages:
+    def holds(self, tensor: torch.Tensor, storage) -> bool:
+        if storage.data_ptr() in self.storages:
             return True
-        return self.sharded and pointer in {s.data_ptr() for p in self.model.parameters()
-                                            if not isinstance(p, DTensor) for s in storages(p)}
+        return self.sharded and (isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter))
 
 
 def iter_tensors(value: Any) -> list[torch.Tensor]:
@@ -147,7 +145,7 @@ class SavedTensorsPipeline(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor: torch.Tensor):
         saved: tuple = ((), tensor, None)
-        if self.stages and tensor.untyped_storage().data_ptr() not in self._state:
+        if self.stages and not self._state.holds(tensor, tensor.untyped_storage()):
             # Memory saved by several ops (an activation's output and the next layer's input, a weight's
             # transpose) is packed once and the packed value shared, so it is stored once, as without stages;
             # a view of it gets the packed value and its own shape and strides. The weak reference tells a
@@ -214,7 +212,7 @@ class SavedBytesMeter:
         """(tensor, storage) pairs of what a pipeline stored, the model's own parameters and buffers left out."""
         for tensor in iter_tensors(packed):
             for storage in storages(tensor):
-                if storage.data_ptr() not in self._exclude:
+                if not self._exclude.holds(tensor, storage):
                     yield tensor, storage
 
     def __enter__(self) -> SavedBytesMeter:

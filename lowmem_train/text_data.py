@@ -7,8 +7,13 @@ Two kinds of corpus:
 - instruction or chat examples (``data=instruct``): ``instruction``/``input``/``output`` fields, or a
   ``messages`` list of ``{role, content}`` turns, rendered with the tokenizer's chat template (an
   Alpaca-style prompt when it has none). Prompt tokens get label -100, so only the responses (every
-  assistant turn) are trained; rows longer than ``data.seq_len`` are truncated and counted, rows left with
-  no target are dropped and counted; ``data.packing`` joins short examples into rows of up to ``seq_len``.
+  assistant turn) are trained; rows longer than ``data.seq_len`` are truncated and counted; rows that cannot
+  train (no output, an empty one, no assistant turn, no response token within ``seq_len``) are dropped,
+  counted by reason and named in one printed line; ``data.packing`` joins short examples into rows of up to
+  ``seq_len``.
+
+Local JSON and text files are read once here before ``datasets`` sees them, so a byte that is not UTF-8 (or a
+JSON line that does not parse) is an error naming the file and the line.
 
 Tokenisation runs through ``datasets.map(batched=True)``: its results are cached by the datasets library
 (keyed by the corpus, the tokenizer and these settings; ``HF_DATASETS_CACHE`` says where), and
@@ -17,9 +22,11 @@ Tokenisation runs through ``datasets.map(batched=True)``: its results are cached
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,28 +57,105 @@ def load_tokenizer(data: DictConfig, model: DictConfig):
         raise ConfigError(f"tokenizer {path}: cannot load it ({one_line(exc)}); offline: {OFFLINE_COMMAND}") from None
 
 
+def data_file_paths(data: DictConfig) -> list[str]:
+    """``data.data_files`` as one flat list: a file, a list of files, or a dict of split name -> file(s)."""
+    files = data.get("data_files")
+    files = OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
+    if files is None:
+        return []
+    listed = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else list(files)
+    return [path for item in listed for path in ([item] if isinstance(item, str) else item)]
+
+
+def check_data_files(data: DictConfig) -> None:
+    """Every local ``data.data_files`` entry exists and not all are empty; cheap, so a recipe calls it when
+    it is built and a sweep's bad file is refused before any job runs."""
+    paths = data_file_paths(data)
+    missing = [f for f in paths if "://" not in f and not os.path.exists(os.path.expanduser(f))]
+    if missing:
+        raise ConfigError(f"data.data_files: {missing[0]} does not exist")
+    local = [f for f in paths if is_local(f)]
+    if local and all(os.path.getsize(os.path.expanduser(f)) == 0 for f in local):
+        raise ConfigError(f"data.data_files: {local[0]} is empty")
+
+
+# Builders that read data_files as text; a compressed file is decompressed by datasets, so not read here.
+TEXT_BUILDERS = ("json", "text")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".tar")
+
+
+def local_text_files(data: DictConfig) -> list[str]:
+    if data.path not in TEXT_BUILDERS:
+        return []
+    return [os.path.expanduser(f) for f in data_file_paths(data) if is_local(f) and not f.endswith(COMPRESSED)]
+
+
+def check_utf8(path: str) -> None:
+    """A ConfigError naming the line and column of ``path``'s first byte that is not UTF-8 (datasets would
+    otherwise fail without saying where, or read it as something else). Read in whole lines of ~1 MiB."""
+    line = 1
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20) + file.readline():
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                before = chunk[: exc.start]
+                line, column = line + before.count(b"\n"), exc.start - before.rfind(b"\n")
+                raise ConfigError(f"data.data_files: {path} line {line} is not UTF-8 (byte 0x{chunk[exc.start]:02x} "
+                                  f"at column {column}); save the file as UTF-8") from None
+            line += chunk.count(b"\n")
+
+
+def json_problem(path: str) -> str | None:
+    """Where a UTF-8 JSON-lines (or JSON) file cannot be parsed, as 'line N ...', else None: streamed line by
+    line for JSON lines (a first line that is a whole object), read whole for one JSON document."""
+    with open(path, encoding="utf-8") as file:
+        first = next((line for line in file if line.strip()), "")
+    try:
+        json_lines = isinstance(json.loads(first), dict)
+    except ValueError:
+        json_lines = False
+    if not json_lines:
+        try:
+            json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            return f"line {exc.lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
+        return None
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object (one {{...}} per line)"
+    return None
+
+
 def load_corpus(data: DictConfig):
-    """``datasets.load_dataset(data.path, data.subset, data_files=data.data_files, split=data.split)``."""
+    """``datasets.load_dataset(data.path, data.subset, data_files=data.data_files, split=data.split)``; a local
+    JSON or text file that is not UTF-8, or JSON that does not parse, is a ConfigError naming file and line."""
     import datasets
 
     if not data.get("path"):
         raise ConfigError("data.path is required: a datasets hub name (wikitext) or a builder for local files "
                           "(json, text) with data.data_files")
+    check_data_files(data)
     files = data.get("data_files")
-    if files is not None:
-        files = OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
-        listed = [files] if isinstance(files, str) else list(files)
-        missing = [f for f in listed if isinstance(f, str) and "://" not in f and not os.path.exists(os.path.expanduser(f))]
-        if missing:
-            raise ConfigError(f"data.data_files: {missing[0]} does not exist")
-        local = [f for f in listed if is_local(f)]
-        if local and all(os.path.getsize(os.path.expanduser(f)) == 0 for f in local):
-            raise ConfigError(f"data.data_files: {local[0]} is empty")
+    files = OmegaConf.to_container(files) if OmegaConf.is_config(files) else files
+    for path in local_text_files(data):
+        check_utf8(path)
     if not (files or is_local(data.path)):
         hub_reachable()
     try:
         return datasets.load_dataset(data.path, data.get("subset"), data_files=files, split=data.split)
     except Exception as exc:  # datasets raises many types (missing files, offline hub, an empty or bad file)
+        for path in local_text_files(data) if data.path == "json" else []:
+            problem = json_problem(path)
+            if problem:
+                raise ConfigError(f"data.data_files: {path} {problem}") from None
         local_hint = "data.path=json data.data_files=<your.jsonl> for a local file, or " if data.name == "instruct" else ""
         raise ConfigError(f"data.path={data.path}: cannot load ({one_line(exc)}); offline: {local_hint}"
                           f"{OFFLINE_COMMAND}") from None
@@ -140,55 +224,102 @@ def text_rows(corpus, tokenizer, data: DictConfig) -> tuple[TokenRows, dict]:
     return TokenRows(rows, rows), counts
 
 
+# Why a row cannot train (the data report's ``dropped_by_reason`` keys) and how the printed line says it.
+DROP_REASONS = {"no_output": "without an output", "empty_output": "with an empty output",
+                "no_assistant_turn": "with no assistant turn",
+                "no_response_token": "with no response token within data.seq_len={seq_len}"}
+
+
+def output_drop_reason(output) -> str | None:
+    if output is None:  # the field absent from this row (datasets fills it with None)
+        return "no_output"
+    return None if str(output).strip() else "empty_output"
+
+
+def chat_drop_reason(messages) -> str | None:
+    if not messages or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
+        raise ConfigError(f"data.messages_field: every row needs a list of {{role, content}} turns, got {messages!r:.80}")
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not answers:
+        return "no_assistant_turn"
+    return None if any(answer and str(answer).strip() for answer in answers) else "empty_output"
+
+
+def describe_drops(dropped: dict[str, int], seq_len: int) -> str:
+    """``{"no_output": 2, ...}`` as '2 without an output, ...'."""
+    return ", ".join(f"{count} {DROP_REASONS[reason].format(seq_len=seq_len)}" for reason, count in dropped.items())
+
+
 def instruct_rows(corpus, tokenizer, data: DictConfig) -> tuple[TokenRows, dict]:
-    """Instruction or chat examples with prompt tokens masked (-100), truncated to ``seq_len``, optionally packed."""
+    """Instruction or chat examples with prompt tokens masked (-100), truncated to ``seq_len``, optionally packed.
+
+    A row that cannot train (no output, an empty one, no assistant turn, no response token left within
+    ``seq_len``) is dropped, counted by reason in the report and named in one printed line; when no row is
+    left that is a ConfigError."""
     columns = corpus.column_names
     messages_field, fields = data.messages_field, (data.instruction_field, data.input_field, data.output_field)
     if messages_field in columns:
-        render = chat_segments_of(tokenizer)
+        render, needs = chat_segments_of(tokenizer), f"each {messages_field} list needs a non-empty assistant turn"
+        def drop_reason(batch, i):
+            return chat_drop_reason(batch[messages_field][i])
         def segments(batch, i):
             return render(batch[messages_field][i])
     elif fields[0] in columns and fields[2] in columns:
-        render = instruction_segments_of(tokenizer)
+        render, needs = instruction_segments_of(tokenizer), f"each row needs a non-empty {fields[2]}"
+        def drop_reason(batch, i):
+            return output_drop_reason(batch[fields[2]][i])
         def segments(batch, i):
             extra = batch[fields[1]][i] if fields[1] in columns else None
-            return render(batch[fields[0]][i], extra, batch[fields[2]][i])
+            return render(batch[fields[0]][i] or "", extra, str(batch[fields[2]][i]))
     else:
         raise ConfigError(f"data.messages_field={messages_field} or data.instruction_field={fields[0]} and "
                           f"data.output_field={fields[2]}: no such columns; columns: {columns} (raw text: data=text)")
     seq_len = int(data.seq_len)
 
     def tokenize(batch):
-        out = {"input_ids": [], "labels": [], "truncated": []}
+        out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
         for i in range(len(batch[columns[0]])):
-            ids, labels = [], []
-            for text, trained, special, eos in segments(batch, i):
+            ids, labels, reason = [], [], drop_reason(batch, i)
+            for text, trained, special, eos in [] if reason else segments(batch, i):
                 piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
                 if eos and tokenizer.eos_token_id is not None:
                     piece = piece + [tokenizer.eos_token_id]
                 ids += piece
                 labels += piece if trained else [IGNORE_INDEX] * len(piece)
-            out["truncated"].append(len(ids) > seq_len)
-            out["input_ids"].append(ids[:seq_len])
-            out["labels"].append(labels[:seq_len])
+            # a row trains on the targets after its first token (labels shift by one inside the loss)
+            if not reason and all(label == IGNORE_INDEX for label in labels[1:seq_len]):
+                reason = "no_response_token"
+            out["dropped"].append(reason or "")
+            out["truncated"].append(not reason and len(ids) > seq_len)
+            out["input_ids"].append([] if reason else ids[:seq_len])
+            out["labels"].append([] if reason else labels[:seq_len])
         return out
 
     tokenized = corpus.map(tokenize, batched=True, remove_columns=columns, num_proc=data.get("num_proc"),
                            desc="tokenizing")
-    # a row trains on the targets after its first token (labels shift by one inside the loss)
-    all_ids, all_labels = tokenized["input_ids"], tokenized["labels"]  # each column read from Arrow once
-    kept = [i for i, labels in enumerate(all_labels) if any(l != IGNORE_INDEX for l in labels[1:])]
-    input_ids = [all_ids[i] for i in kept]
-    labels = [all_labels[i] for i in kept]
+    reasons = tokenized["dropped"]  # each column read from Arrow once
+    kept = [i for i, reason in enumerate(reasons) if not reason]
+    dropped = {reason: reasons.count(reason) for reason in DROP_REASONS if reason in reasons}
     if not kept:
-        raise ConfigError(f"data.path={data.path}: no example keeps a response token within data.seq_len={seq_len}")
+        raise ConfigError(f"{data_source(data)}: none of its {len(corpus)} rows can train "
+                          f"({describe_drops(dropped, seq_len)}); {needs} with tokens within data.seq_len={seq_len}")
+    if dropped:
+        print(f"data: dropped {len(corpus) - len(kept)} of {len(corpus)} rows: {describe_drops(dropped, seq_len)}")
+    all_ids, all_labels = tokenized["input_ids"], tokenized["labels"]
+    input_ids, labels = [all_ids[i] for i in kept], [all_labels[i] for i in kept]
     counts = {"source": "instruct", "examples": len(corpus), "truncated": sum(tokenized["truncated"]),
-              "dropped": len(corpus) - len(kept)}
+              "dropped": len(corpus) - len(kept), "dropped_by_reason": dropped}
     if data.get("packing"):
         input_ids, labels = pack(input_ids, labels, seq_len)
     counts.update(rows=len(input_ids), tokens=sum(map(len, input_ids)),
                   trained_tokens=sum(sum(l != IGNORE_INDEX for l in row[1:]) for row in labels))
     return TokenRows(input_ids, labels), counts
+
+
+def data_source(data: DictConfig) -> str:
+    """The key that names where rows came from, for messages: the local files, else the dataset."""
+    files = data_file_paths(data)
+    return f"data.data_files={files[0] if len(files) == 1 else files}" if files else f"data.path={data.path}"
 
 
 def pack(input_ids: list[list[int]], labels: list[list[int]], seq_len: int):
@@ -214,9 +345,7 @@ def chat_segments_of(tokenizer):
     def render(messages, **kwargs) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
-    def segments(messages):
-        if not messages or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
-            raise ConfigError(f"data.messages_field: every row needs a list of {{role, content}} turns, got {messages!r:.80}")
+    def segments(messages):  # checked by chat_drop_reason first
         out, done = [], ""
         for k, message in enumerate(messages):
             if message["role"] != "assistant":

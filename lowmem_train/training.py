@@ -31,7 +31,10 @@ from torch.utils._pytree import tree_map_only
 
 from . import checkpoints
 from .causal_lm import sample_statistics
+from .low_precision import keep_low_precision_updates, rounding_report
 from .errors import ConfigError, LowmemError, StrategyError, one_line
+from .export import EXPORT_DIR, SampleGenerations, export_at_end, format_samples
+from .hub import building_for
 from .memory import MemoryMonitor, format_report, gather_ranks, plot_curve, summarize, write_ranks, write_report
 from .optimizers import sharding_problem as optimizer_sharding_problem
 from .recipe import Recipe, StepOutput
@@ -41,7 +44,7 @@ from .saved_tensors import SavedBytesMeter
 from .sharding import FSDP2
 from .strategy import ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies
 from .undisturbed import undisturbed
-from .validation import coerce, unknown_keys
+from .validation import coerce, schema_defaults, unknown_keys
 
 # Files a run writes into its run directory; a run_dir that holds any of them belongs to an earlier run.
 RUN_FILES = ("memory.csv", "memory_report.json", "memory_curve.png", "strategies.json", "checkpoints", "csv", "wandb")
@@ -55,6 +58,7 @@ class RunSettings:
     dry_run: bool
     ckpt_path: str | None
     on_nonfinite: Literal["stop", "skip", "off"]
+    low_precision_updates: Literal["stochastic", "kahan", "fp32_master", "nearest"]
 
 
 class TrainingModule(L.LightningModule):
@@ -150,6 +154,11 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint[checkpoints.KEY] = checkpoints.run_identity(self.recipe.name, self.model, self.strategies)
 
+    def on_fit_start(self):
+        """Train in train mode whatever the model was built in: ``from_pretrained`` returns eval mode (dropout
+        off) and Lightning no longer switches it; validation sets eval mode and restores this afterwards."""
+        self.model.train()
+
     def configure_model(self):
         """Sharding (``trainer=fsdp``) wraps the model here: after the strategies' surgery, before the optimizer."""
         shard = getattr(self.trainer.strategy, "shard", None)
@@ -188,11 +197,16 @@ def wandb_netrc_entry(base_url: str) -> bool:
 
 
 def check_wandb(cfg: DictConfig) -> None:
-    """W&B needs its package and either offline mode or an API key: without them it would prompt or fail late."""
+    """W&B needs its package, a project name it accepts and either offline mode or an API key: without them it
+    would prompt or fail once the run has started."""
     try:
         import wandb
     except ImportError:
         raise ConfigError("logger=wandb needs the wandb package: pip install 'lowmem-train[wandb]'") from None
+    try:
+        wandb.Settings(project=cfg.logger.get("project"))  # W&B's own rules for a project name
+    except (wandb.errors.UsageError, ValueError) as exc:  # ValueError: pydantic's, for a value of the wrong type
+        raise ConfigError(f"logger.project: {one_line(exc)}") from None
     if cfg.logger.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         return
     if os.environ.get("WANDB_API_KEY") or wandb_netrc_entry(wandb.Settings().base_url):
@@ -237,7 +251,8 @@ def instantiate_choice(cfg: DictConfig, group: str, *, label: str | None = None,
 
 
 def build_recipe(cfg: DictConfig) -> Recipe:
-    return instantiate_choice(cfg, "recipe", model=cfg.model, data=cfg.data, _recursive_=False)
+    with building_for(cfg.get("strategy")):  # what its offline advice keeps of the run
+        return instantiate_choice(cfg, "recipe", model=cfg.model, data=cfg.data, _recursive_=False)
 
 
 def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -251,6 +266,17 @@ def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+MAX_SEED = 2**32 - 1
+# Trainer keywords Lightning takes when built but divides by only during fit (or, gradient_clip_val, applies with
+# the sign flipped): what each must be.
+TRAINER_RANGES = {
+    "accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "check_val_every_n_epoch": (lambda v: v >= 1, "an integer >= 1 or null"),
+    "val_check_interval": (lambda v: v > 0, "> 0 (a fraction of an epoch or a number of batches) or null"),
+    "gradient_clip_val": (lambda v: v >= 0, "a number >= 0 or null"),
+}
+
+
 def check_run_settings(cfg: DictConfig) -> RunSettings:
     hints = typing.get_type_hints(RunSettings)
     values = {}
@@ -259,6 +285,8 @@ def check_run_settings(cfg: DictConfig) -> RunSettings:
             values[key] = coerce(cfg.get(key), hint)
         except TypeError as exc:
             raise ConfigError(f"{key} {exc}") from None
+    if not 0 <= values["seed"] <= MAX_SEED:  # what seed_everything (numpy's generator) takes
+        raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {values['seed']}")
     return RunSettings(**values)
 
 
@@ -266,6 +294,9 @@ def check_trainer(cfg: DictConfig) -> torch.device:
     """Build the Trainer once, without logger or callbacks, so Lightning's own checks of its keys (ranges,
     devices, precision) fail here, before the run, as one line. Returns the device this process trains on."""
     kwargs = trainer_kwargs(cfg)
+    for key, (valid, expected) in TRAINER_RANGES.items():
+        if kwargs.get(key) is not None and not valid(kwargs[key]):
+            raise ConfigError(f"trainer.{key} must be {expected}, got {kwargs[key]!r}")
     if kwargs.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={kwargs['accelerator']}: no CUDA GPU is visible here; "
                           "use trainer.accelerator=cpu or auto")
@@ -281,15 +312,20 @@ def check_trainer(cfg: DictConfig) -> torch.device:
 
 
 def check_optimizer(cfg: DictConfig):
-    """The optimizer factory, tried on one parameter: a negative or NaN learning rate fails here."""
+    """The optimizer factory, tried on one parameter: a negative or NaN learning rate, or betas=[0.9] where the
+    schema's default holds a pair, fails here."""
+    defaults = schema_defaults(cfg.optimizer)
     for key, value in cfg.optimizer.items():
         numbers = value if OmegaConf.is_list(value) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ConfigError(f"optimizer.{key} must be a finite number, got {value}")
+        default = defaults.get(key)
+        if isinstance(default, list) and OmegaConf.is_list(value) and len(value) != len(default):
+            raise ConfigError(f"optimizer.{key} must hold {len(default)} values (default {default}), got {list(value)}")
     factory = instantiate_choice(cfg, "optimizer")
     try:
         factory([torch.nn.Parameter(torch.zeros(2, 2))])
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, LookupError) as exc:
         raise ConfigError(f"optimizer: {one_line(exc)}") from None
     return factory
 
@@ -307,7 +343,7 @@ def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     check_optimizer(cfg)
     if is_wandb(cfg):
         check_wandb(cfg)
-    strategies, recipe = build_strategies(cfg.strategy), build_recipe(cfg)
+    strategies, recipe = build_strategies(cfg.get("strategy")), build_recipe(cfg)  # strategy=[]: no strategy key
     sharded = isinstance(trainer_kwargs(cfg).get("strategy"), FSDP2)
     if sharded:
         check_shardable(strategies, check_optimizer(cfg))
@@ -392,6 +428,7 @@ def run_report(module: TrainingModule, touched, monitor: MemoryMonitor, validati
         "modules_touched": {name: sum(t.changed for t in plan) for name, plan in touched.items()},
         "strategy_report": {s.name: figures for s in module.strategies if (figures := s.report())},
         "data": recipe.data_report(),
+        "low_precision_updates": rounding_report(module.trainer.optimizers),
         "nonfinite_skipped_steps": module.run_control.skipped_steps,
         "stopped": None if stopped is None else {
             "reason": stopped.reason, "step": stopped.step, "exit_code": stopped.exit_code,
@@ -420,6 +457,8 @@ def write_run_files(report: dict, run_dir: Path, strategy_files: list[str], touc
         report["files"].append(write_ranks(report["ranks"], run_dir).name)
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         report["files"].append("checkpoints/last.ckpt")
+    if (run_dir / EXPORT_DIR).is_dir():
+        report["files"].append(f"{EXPORT_DIR}/")
     write_report(report, run_dir)
 
 
@@ -447,7 +486,9 @@ def train(cfg: DictConfig) -> dict | None:
     train_loader, val_loader = loaders or recipe.build_dataloaders()
     run_control = RunControl(run_dir, train_loader, settings.on_nonfinite,
                              every_epoch=bool(cfg.trainer.get("enable_checkpointing")))
-    module = TrainingModule(recipe, model, strategies, instantiate_choice(cfg, "optimizer"), run_control)
+    optimizer_factory = keep_low_precision_updates(instantiate_choice(cfg, "optimizer"), settings.low_precision_updates,
+                                                   settings.seed)
+    module = TrainingModule(recipe, model, strategies, optimizer_factory, run_control)
     if settings.ckpt_path:
         identity = checkpoints.run_identity(recipe.name, model, strategies)
         note = checkpoints.check_fits(checkpoints.read_checkpoint(settings.ckpt_path), settings.ckpt_path, identity,
@@ -458,6 +499,9 @@ def train(cfg: DictConfig) -> dict | None:
     strategy_files = write_strategy_files(strategies, run_dir) if rank_zero_only.rank == 0 else []
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()] + [run_control]
+    prompts = list(cfg.data.get("sample_prompts") or [])
+    samples = SampleGenerations(recipe, prompts) if prompts else None
+    callbacks += [samples] if samples else []
     names = [s.name for s in strategies] or ["none"]
     logger = build_logger(cfg, run_dir, run_name=f"{recipe.name}-{'+'.join(names)}")
     # RunControl writes the checkpoints (see run_control.py for why not Lightning's ModelCheckpoint)
@@ -468,15 +512,22 @@ def train(cfg: DictConfig) -> dict | None:
         if not monitor.rows:
             raise ConfigError("no training step ran: check trainer.max_steps / trainer.max_epochs and the data size")
         ranks = gather_ranks(summarize(monitor.rows, device=module.device))
+        sampled = samples.samples(module.model) if samples else None  # every rank: a sharded model generates together
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
         report = {**run_report(module, touched, monitor, validation, stopped, run_dir), "ranks": ranks}
+        if sampled:
+            report["samples"] = sampled
+        if stopped is None:  # a stopped run resumes from its checkpoint; its model is not the result yet
+            export_at_end(recipe, module.model, strategies, run_dir)
         write_run_files(report, run_dir, strategy_files, touched, monitor)
         if len(ranks) > 1:
             logger.log_metrics({f"rank{r['rank']}/{key}": value for r in ranks for key, value in r.items()
                                 if key != "rank" and value is not None}, step=trainer.global_step)
             logger.save()
         print(format_report(report))
+        if sampled:
+            print(format_samples(sampled))
         return report
     finally:
         monitor.close()

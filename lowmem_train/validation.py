@@ -66,6 +66,16 @@ def unknown_keys(node: Any, prefix: str = "") -> SchemaProblem | None:
     return None
 
 
+def schema_defaults(node: Any) -> dict[str, Any]:
+    """The defaults of a composed node's dataclass schema, by key (empty for a node without one): what a value
+    set on the command line can be compared with, e.g. a list's length."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return {}
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(schema)}
+
+
 def coerce(value: Any, hint: Any) -> Any:
     """``value`` as ``hint`` expects it (an int where a float is wanted, a str as a one-item list), or
     TypeError saying what was expected. Typing constructs it does not know are accepted as they are."""

@@ -46,7 +46,7 @@ class CifarResNet(ImageClassification):
     def build_dataloaders(self):
         data = self.data_cfg
         if data.name == "digits":
-            train, val = digits_datasets(int(data.image_size), float(data.val_fraction), int(data.seed))
+            train, val = digits_datasets(data)
         elif data.name == "cifar10":
             train, val = cifar10_datasets(data)
         else:
@@ -56,16 +56,17 @@ class CifarResNet(ImageClassification):
         return make_loader(train, data, train=True), None if val is None else make_loader(val, data, train=False)
 
 
-def digits_datasets(image_size: int, val_fraction: float, seed: int):
-    """scikit-learn's 1,797 handwritten 8x8 digits as normalised 3-channel images of ``image_size``."""
+def digits_datasets(data):
+    """scikit-learn's 1,797 handwritten 8x8 digits as normalised 3-channel images of ``data.image_size``, split
+    by ``data.val_fraction``."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = nn.functional.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    images = nn.functional.interpolate(images, size=int(data.image_size), mode="bilinear", align_corners=False)
     images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
     labels = torch.tensor(digits.target, dtype=torch.long)
-    return split(torch.utils.data.TensorDataset(images, labels), val_fraction, seed)
+    return split(torch.utils.data.TensorDataset(images, labels), data)
 
 
 def cifar10_datasets(data):

@@ -51,6 +51,8 @@ class ImageNetResNet(ImageClassification):
                               f"{self.model_cfg.num_classes}; set model.num_classes={len(train.classes)}")
         val_dir = os.path.join(root, "val")
         val = image_folder(val_dir, val_tf) if os.path.isdir(val_dir) else None
+        if val is not None and val.classes != train.classes:
+            raise ConfigError(class_mismatch(root, train.classes, val.classes))
         return make_loader(train, data, train=True), None if val is None else make_loader(val, data, train=False)
 
 
@@ -61,3 +63,17 @@ def image_folder(path: str, transform) -> torchvision.datasets.ImageFolder:
     except FileNotFoundError as exc:
         raise ConfigError(f"data.root: {path} is not an ImageFolder tree ({one_line(exc)}); expected "
                           f"{path}/<class>/<image>.jpg") from None
+
+
+def class_mismatch(root: str, train: list[str], val: list[str]) -> str:
+    """Why val/ cannot be scored against train/: ImageFolder numbers classes by their sorted folder names, so
+    a class only one side has shifts every later label (a val/horse would be scored as the train class with
+    its index)."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    extra, missing = [c for c in val if c not in train], [c for c in train if c not in val]
+    differences = ([f"val/ has {some(extra)} (not in train/)"] if extra else []) + \
+        ([f"val/ lacks {some(missing)}"] if missing else [])
+    return (f"data.root={root}: the validation classes differ from the training classes: {'; '.join(differences)}; "
+            "give val/ the same class folders as train/")

@@ -28,8 +28,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lowmem_train.configs.groups import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,13 +112,12 @@ def predict(shape: Shape, dtype: str, optimizer: str, quantize: str | None, r: i
     # Saved for backward (SavedBytesMeter: parameters count zero): checkpoint keeps each block's input in the
     # compute dtype. After the last block: the final RMSNorm keeps its input upcast to fp32 and one fp32 rsqrt
     # per token, plus the normalised states in the compute dtype when its weight trains; chunked CE keeps the
-    # final hidden states and the int64 targets (and one fp32 logsumexp per token on its own, non-native
-    # path); a trained embedding keeps the int64 token ids.
+    # final hidden states, the int64 targets and two fp32 values per token (largest logit, log-sum); a trained
+    # embedding keeps the int64 token ids.
     tokens = batch * seq
     layer["activations"] = tokens * h * w
-    lse = 0 if hasattr(torch.nn.functional, "linear_cross_entropy") else tokens * 4
     fixed["activations"] = (tokens * h * 4 + tokens * 4 + (0 if lora else tokens * h * w)  # final norm
-                            + tokens * h * w + tokens * 8 + lse                             # chunked CE
+                            + tokens * h * w + tokens * 8 + tokens * 8                      # chunked CE
                             + (0 if lora else tokens * 8))                                  # embedding
     return {"layer": layer, "fixed": fixed}
 

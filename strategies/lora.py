@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lowmem_train import Strategy, StrategyError, Touch, select_modules
-from lowmem_train.causal_lm import causal_lm_of
+from lowmem_train.causal_lm import causal_lm_of, source_of
 from lowmem_train.sharding import whole
 from lowmem_train.targets import repeated_blocks, weight_read_by_parent
 from lowmem_train.undisturbed import undisturbed
@@ -35,6 +35,7 @@ from lowmem_train.undisturbed import undisturbed
 QUANTIZE = ("none", "nf4", "int8")
 ADAPTER = "default"  # PEFT's adapter name; one adapter per model here
 ADAPTER_DIR, MERGED_DIR = "adapter", "merged"
+BASE_NOTE = "lowmem_base.json"  # beside the adapter: its base's path, GGUF file and load dtype
 
 
 @dataclass
@@ -241,19 +242,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, write: bool = True) -> Path:
-    """Save the adapters of a model with lora applied in PEFT's format: ``PeftModel.from_pretrained(base,
-    directory)`` loads them onto the base model. A sharded model (trainer=fsdp): every rank calls it (the
-    adapter weights are gathered), the one with ``write`` writes."""
+    """Save the adapters of a model with lora applied in PEFT's format, naming their base:
+    ``AutoPeftModelForCausalLM.from_pretrained(directory)`` or ``PeftModel.from_pretrained(base, directory)``
+    load them. ``adapter_config.json``'s ``base_model_name_or_path`` is the base's hub id or absolute directory;
+    ``lowmem_base.json`` adds what PEFT's config cannot hold (the base's GGUF file and load dtype). A sharded
+    model (trainer=fsdp): every rank calls it (the adapter weights are gathered), the one with ``write`` writes."""
     from safetensors.torch import save_file
 
     model = adapted_model(model)
     directory = Path(directory)
     state = adapter_state_dict(model)
     if write:
+        source = source_of(model)
         config = model.peft_config[ADAPTER]
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config.base_model_name_or_path = source["base_model_name_or_path"]
+        if causal_lm_of(model) is not None:
+            config.task_type = "CAUSAL_LM"  # AutoPeftModelForCausalLM reads it to choose the base's class
         config.save_pretrained(str(directory))
         save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (directory / BASE_NOTE).write_text(json.dumps(source, indent=2) + "\n")
     return directory
 
 

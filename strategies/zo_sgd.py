@@ -61,6 +61,21 @@ class Options:
             raise StrategyError(f"strategy '{strategy}': n_perturbations must be >= 1, got {self.n_perturbations}")
 
 
+def chosen_parameters(model: nn.Module, patterns: list[str] | None) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters matching ``patterns`` (every one if None); a pattern that matches none, or no
+    trainable parameter at all, is a StrategyError."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for pattern in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+            raise StrategyError(f"strategy 'zo_sgd': parameters pattern {pattern!r} matches no trainable "
+                                f"parameter; e.g. {', '.join(n for n, _ in named[:4])}")
+    if patterns is not None:
+        named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)]
+    if not named:
+        raise StrategyError("strategy 'zo_sgd': the model has no trainable parameter to perturb")
+    return named
+
+
 class SPSA:
     """The zeroth-order estimator on a model: chosen parameters, perturbations regenerated from seeds, and the
     projected gradients of a loss (``loss()`` returns a StepOutput or a scalar tensor). In a plain loop::
@@ -75,15 +90,7 @@ class SPSA:
     def __init__(self, model: nn.Module, *, eps: float = 1e-3, n_perturbations: int = 1,
                  parameters: list[str] | None = None, seed: int = 0):
         self.model, self.eps, self.n_perturbations, self.seed = model, eps, n_perturbations, seed
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if parameters is not None:
-            for pattern in parameters:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                    raise StrategyError(f"strategy 'zo_sgd': parameters pattern {pattern!r} matches no trainable "
-                                        f"parameter; e.g. {', '.join(n for n, _ in named[:4])}")
-            named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in parameters)]
-        if not named:
-            raise StrategyError("strategy 'zo_sgd': the model has no trainable parameter to perturb")
+        named = chosen_parameters(model, parameters)
         self.names = [n for n, _ in named]
         self.parameters = [p for _, p in named]
         self.index = {id(p): i for i, p in enumerate(self.parameters)}  # a tied weight: one index, one z
@@ -192,10 +199,9 @@ class ZOSGD(Strategy):
         self.forwards, self.seconds = 0, 0.0
 
     def plan(self, model):
-        spsa = SPSA(model, parameters=self.options.parameters)  # checks the patterns; removed again
-        spsa.remove()
-        return [Touch("", type(model).__name__, f"forward-only training of {len(spsa.parameters)} parameter tensor(s) "
-                      f"({sum(p.numel() for p in spsa.parameters):,} values), {2 * self.options.n_perturbations} "
+        chosen = [p for _, p in chosen_parameters(model, self.options.parameters)]
+        return [Touch("", type(model).__name__, f"forward-only training of {len(chosen)} parameter tensor(s) "
+                      f"({sum(p.numel() for p in chosen):,} values), {2 * self.options.n_perturbations} "
                       "forwards per step")]
 
     def apply(self, model, plan):

@@ -32,8 +32,8 @@ STRATEGY_SETTINGS = {
                "saves_activations": True},
     # aot_eager: Dynamo and AOTAutograd as with inductor, without its minutes of C++ code generation on CPU
     "compile": {"options": {"backend": "aot_eager"}},
-    # chunk_size 8: the tiny batch's 32 tokens make 4 chunks
-    "chunked_ce": {"options": {"chunk_size": 8}, "needs": ("causal_lm",), "saves_activations": True},
+    # 8 tokens of the tiny models' 96-word vocabulary per chunk: the tiny batch's 32 tokens make 4 chunks
+    "chunked_ce": {"options": {"chunk_bytes": 8 * 96 * 4}, "needs": ("causal_lm",), "saves_activations": True},
     # LoRA's default targets are the Linear layers inside the repeated blocks
     "lora": {"options": {"r": 4}, "needs": ("linear_blocks",), "adapter": True},
     # exact menu only (the default): the plan mixes keep / selective / checkpoint, gradients stay plain

@@ -76,6 +76,7 @@ def test_truncation_and_dropped_examples_are_counted(tiny_pretrained_llm):
     short = instruct_recipe(llm, llm.instruct_jsonl, "data.seq_len=12")
     short.build_dataloaders()
     assert short.data_report()["dropped"] > 0  # the response starts after token 10: nothing left to train
+    assert set(short.data_report()["dropped_by_reason"]) == {"no_response_token"}
 
 
 def test_packing_joins_whole_examples_and_keeps_every_target(tiny_pretrained_llm):
@@ -138,15 +139,16 @@ def test_bad_instruct_settings_are_one_line_errors(tiny_pretrained_llm, override
 
 def test_messages_without_a_chat_template_are_refused(tiny_llama_dir, tiny_pretrained_llm):
     recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data.path=json",
-                                         f"data.data_files={tiny_pretrained_llm.chat_jsonl}"))
+                                         f"data.data_files={tiny_pretrained_llm.chat_jsonl}", "data.seq_len=64"))
     with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
         recipe.build_dataloaders()
 
 
 def test_instruction_data_without_a_chat_template_uses_an_alpaca_prompt(tiny_llama_dir, tiny_pretrained_llm):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_llama_dir}", "data.path=json",
-                                         f"data.data_files={tiny_pretrained_llm.instruct_jsonl}", "data.seq_len=512",
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)  # no chat template; the model's 256 positions fit a row
+    recipe = build_recipe(compose_config("recipe=llama_finetune", f"model.name_or_path={tiny_pretrained_llm.model_dir}",
+                                         f"data.tokenizer={tiny_llama_dir}", "data.path=json",
+                                         f"data.data_files={tiny_pretrained_llm.instruct_jsonl}", "data.seq_len=256",
                                          "data.val_fraction=0"))
     loader, _ = recipe.build_dataloaders()
     row, first = loader.dataset[0], json.loads(tiny_pretrained_llm.instruct_jsonl.read_text().splitlines()[0])
@@ -158,7 +160,7 @@ def test_instruction_data_without_a_chat_template_uses_an_alpaca_prompt(tiny_lla
 
 
 def test_offline_hub_corpus_says_how_to_use_a_local_file(tiny_pretrained_llm, tmp_path):
-    result = run_cli("recipe=llama_finetune", f"model.name_or_path={tiny_pretrained_llm.model_dir}",
+    result = run_cli("recipe=llama_finetune", f"model.name_or_path={tiny_pretrained_llm.model_dir}", "data.seq_len=128",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]

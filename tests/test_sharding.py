@@ -37,7 +37,7 @@ CASES = {
     "checkpoint": ("checkpoint", 1e-5, {}),
     "selective_checkpoint": ({"selective_checkpoint": {"memory_budget": 0.5}}, 1e-5, {}),
     "approx_bp": ("approx_bp", 1e-5, {}),  # deterministic: the same approximate gradient as one process
-    "chunked_ce": ({"chunked_ce": {"chunk_size": 8}}, 1e-5, {}),
+    "chunked_ce": ({"chunked_ce": {"chunk_bytes": 8 * 96 * 4}}, 1e-5, {}),  # 8 tokens per chunk
     "lora": ({"lora": {"r": 4}}, 1e-5, {}),
     "compress": ({"compress": {"bits": 4, "min_numel": 256}}, 0.02, {}),
     "checkpoint+compress": (["checkpoint", {"compress": {"bits": 8, "min_numel": 256}}], 0.01, {}),
