@@ -13,6 +13,11 @@ parameters at a time, so the copy is transient and bounded), then written back b
   nearest bf16 value.
 - ``nearest``: plain round-to-nearest (what bf16 training does without help), for comparison.
 
+``kahan`` and ``fp32_master`` keep the exact sum, but the model computes with its nearest bf16 value, and a
+weight loaded from bf16 starts at the centre of its rounding cell: it moves only once its summed update
+passes half an ulp. Stochastic rounding has no such dead zone, which is why it is the default (README:
+"bf16 weights that keep their updates" has the measured fine-tune).
+
 The inner optimizer's state is created on the fp32 copies, so it is fp32 (AdamW: 8 bytes per parameter, as
 for fp32 weights). Every step measures, on a strided sample of each tensor, the share of non-zero updates
 below half an ulp, which round-to-nearest loses (``lost_share``): the report prints it, and warns when

@@ -56,6 +56,7 @@ def run(name: str, args, data_file: Path, out: Path) -> dict:
                f"low_precision_updates={mode or 'stochastic'}", "data.path=json", f"data.data_files={data_file}",
                f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}", f"data.val_fraction={args.val_fraction}",
                f"optimizer.lr={args.lr}", f"trainer.max_steps={args.steps}", "trainer.enable_progress_bar=false",
+               f"seed={args.seed}",
                f"hydra.run.dir={out / name.replace(':', '_')}"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     if done.returncode != 0:
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--answer-chars", type=int, default=250)
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed: data order, dropout, rounding draws")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a new temporary folder)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_bf16_"))
@@ -85,7 +87,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = write_instructions(data_file, args.answer_chars)
     print(f"SmolLM2-135M-Instruct, {rows} pydoc instruction rows, {args.steps} steps of batch {args.batch}, "
-          f"seq_len {args.seq_len}, AdamW lr {args.lr}; runs in {out}")
+          f"seq_len {args.seq_len}, AdamW lr {args.lr}, seed {args.seed}; runs in {out}")
     results = {}
     for name in args.runs:
         results[name] = run(name, args, data_file, out)

@@ -179,3 +179,13 @@ def test_real_smollm2_bf16_fine_tune_moves_its_weights():
         moved[mode] = changed / sum(p.numel() for p in layer.parameters())
         assert optimizer.lost_share() > 0.5  # most updates are below half a bf16 ulp on real weights
     assert moved["nearest"] < 0.2 and moved["stochastic"] > 2 * moved["nearest"]
+
+
+def test_a_bad_mode_is_refused_in_one_line_naming_the_choices():
+    from lowmem_train import ConfigError
+    from lowmem_train.cli import check_overrides
+
+    with pytest.raises(ConfigError) as info:
+        check_overrides(["low_precision_updates=round"])
+    message = str(info.value)
+    assert "low_precision_updates" in message and "'stochastic'" in message and "\n" not in message
