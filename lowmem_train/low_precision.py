@@ -58,7 +58,7 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype, generator: torch.
 
 def sample(tensor: torch.Tensor) -> torch.Tensor:
     """A strided view of at most SAMPLE_VALUES of ``tensor``'s values: where lost updates are counted."""
-    flat = tensor.view(-1)
+    flat = tensor.reshape(-1)  # a view where the tensor is contiguous
     return flat[:: max(1, flat.numel() // SAMPLE_VALUES)]
 
 
@@ -81,7 +81,7 @@ class LowPrecisionUpdates(torch.optim.Optimizer):
         self.inner, self.mode, self.seed = optimizer, mode, seed
         self.own: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
         self.generators: dict[torch.device, torch.Generator] = {}
-        self.changed = self.lost = 0  # tensors once counted (no device sync per step)
+        self.changed = self.lost = 0  # counts kept as tensors: no device sync per step
         self.last_changed = self.last_lost = 0
         super().__init__([p for group in optimizer.param_groups for p in group["params"]], optimizer.defaults)
         self.param_groups = optimizer.param_groups  # shared: schedulers and Lightning see the inner groups
