@@ -191,7 +191,20 @@ LLAMA_TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermedia
 LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
                 tie_word_embeddings=True)
+# Published shapes of the models people ask "will it fit?" about (config.json of each release; no weights:
+# estimate=true builds them on fake tensors, a real run trains them from random init).
+LLAMA_3_2_3B = dict(LLAMA_1B, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24)
+LLAMA_3_1_8B = dict(LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False)
+QWEN_2_5_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                   rope_theta=1000000.0, tie_word_embeddings=False)
+MISTRAL_7B = dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1000000.0,
+                  sliding_window=None, tie_word_embeddings=False)
+SHAPES = {"llama3_2_1b": LLAMA_1B, "llama3_2_3b": LLAMA_3_2_3B, "llama3_1_8b": LLAMA_3_1_8B, "qwen2_5_7b": QWEN_2_5_7B,
+          "mistral_7b": MISTRAL_7B}
 MODELS = {
+    **{name: CausalLMModel(name_or_path=None, dtype=Dtype.bfloat16, config=shape) for name, shape in SHAPES.items()},
     "resnet18_cifar": CifarResNetModel(),
     "resnet50": ResNetModel(),
     "llama": CausalLMModel(),

@@ -16,6 +16,7 @@ row of ``sweep_summary.md``) and the next job runs; the sweep's exit status then
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -118,6 +119,12 @@ def with_trainer_keywords(args: list[str]) -> list[str]:
         match = re.match(r"trainer\.(\w+)=", arg)
         rewritten.append(f"++{arg}" if match and match.group(1) in keywords and match.group(1) not in listed else arg)
     return rewritten
+
+
+def with_estimate_switch(args: list[str]) -> list[str]:
+    """``estimate=true|false`` as ``estimate.enabled=...``: the ``estimate`` node also holds ``estimate.device``
+    and friends, and Hydra cannot set a node from a boolean."""
+    return [f"estimate.enabled={arg.split('=', 1)[1]}" if re.fullmatch(r"\+*estimate=\w+", arg) else arg for arg in args]
 
 
 def claim_output_dir(args: list[str], multirun: bool = False) -> list[str]:
@@ -281,6 +288,8 @@ def run(cfg: DictConfig) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         report = train(cfg)
+        gc.collect()  # what the run left in reference cycles (a trainer, a sharded model's groups) goes while the
+        # interpreter is whole: freed at exit, gloo's threads can abort a finished torchrun job
     except LowmemError as exc:
         remove_own_output(job_dir)
         return end_job(hydra_cfg, "error", 2, str(exc))
@@ -343,7 +352,7 @@ def main() -> None:
         from .export import main as export_main
 
         sys.exit(export_main(sys.argv[2:]))
-    args = with_trainer_keywords(sys.argv[1:])
+    args = with_estimate_switch(with_trainer_keywords(sys.argv[1:]))
     flags = get_args_parser().parse_args(args)
     runs = not (flags.cfg or flags.help or flags.hydra_help or flags.info or flags.shell_completion)
     try:

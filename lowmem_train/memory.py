@@ -16,12 +16,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .saved_tensors import iter_tensors, storages
+from .live_memory import LiveTensorBytes
+from .saved_tensors import iter_tensors, storage_key, storages
 
 GIB = 2**30
 
 COLUMNS = [
-    "step", "loss", "peak_bytes", "cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes", "activation_bytes",
+    "step", "loss", "peak_bytes", "accounted_bytes", "cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes", "activation_bytes",
     "param_bytes", "grad_bytes", "optimizer_state_bytes", "frozen_param_bytes", "frozen_grad_bytes",
     "frozen_optimizer_state_bytes", "step_time_s", "samples_per_s", "tokens_per_s",
 ]
@@ -32,8 +33,8 @@ def tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for tensor in tensors:
         for storage in storages(tensor):
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            if storage_key(storage) not in seen:
+                seen.add(storage_key(storage))
                 total += storage.nbytes()
     return total
 
@@ -45,6 +46,52 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
     return tensor_bytes(t for state in states for t in iter_tensors(state))
 
 
+def peak_source(pl_module, optimizers) -> str:
+    """How a step's peak is measured: the CUDA allocator's peak; on CPU the live-tensor tracker, unless code is
+    torch.compile'd (a compiled graph's buffers never pass the tracker, and compiling under it falls back to
+    eager or fails), where only the accounted sum remains."""
+    if pl_module.device.type == "cuda":
+        return "cuda_max_allocated"
+    compiled = any(getattr(s, "compiles", False) for s in getattr(pl_module, "strategies", ())) or any(
+        compiled_step(o) for o in optimizers)
+    return "accounted" if compiled else "live_tensors"
+
+
+def compiled_step(optimizer) -> bool:
+    """Whether ``optimizer`` (or one it wraps: ``inner``) runs a torch.compile'd step (``compiled_step = True``)."""
+    inner = getattr(optimizer, "inner", None)
+    inner = inner if isinstance(inner, list) else [inner] if inner is not None else []
+    return getattr(optimizer, "compiled_step", False) or any(compiled_step(o) for o in inner)
+
+
+def gradient_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """The gradients alive at the optimizer step (those of frozen parameters apart: 0 unless something is wrong)."""
+    return {"grad_bytes": tensor_bytes(p.grad for p in module.parameters() if p.grad is not None),
+            "frozen_grad_bytes": tensor_bytes(p.grad for p in module.parameters()
+                                              if p.grad is not None and not p.requires_grad)}
+
+
+def held_bytes(module: torch.nn.Module, optimizers, frozen_param_bytes: int) -> dict[str, int]:
+    """Weights and optimizer state, trainable and frozen (``frozen_param_bytes``: ``frozen_weight_bytes``)."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    return {"param_bytes": tensor_bytes(p for p in module.parameters() if p.requires_grad) + frozen_param_bytes,
+            "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in optimizers),
+            "frozen_param_bytes": frozen_param_bytes,
+            "frozen_optimizer_state_bytes": sum(optimizer_state_bytes(o, frozen) for o in optimizers)}
+
+
+def accounted_bytes(row: dict) -> int:
+    return row["param_bytes"] + row["grad_bytes"] + row["optimizer_state_bytes"] + row["activation_bytes"]
+
+
+def resident_tensors(pl_module, optimizers, batch) -> list[torch.Tensor]:
+    """What a training step starts with: weights, buffers, gradients, optimizer state and the batch."""
+    module_tensors = [*pl_module.parameters(), *pl_module.buffers()]
+    grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+    states = [t for o in optimizers for state in o.state.values() for t in iter_tensors(state)]
+    return [*module_tensors, *grads, *states, *iter_tensors(batch)]
+
+
 def frozen_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights that do not train: every state-dict entry that is neither a trainable parameter
     nor a buffer, so quantized weights count with their scales (bitsandbytes keeps those beside the codes).
@@ -52,27 +99,33 @@ def frozen_weight_bytes(model: torch.nn.Module) -> int:
     counts where its storage does, so a trainable tied embedding is not also counted as a frozen head."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name for name, _ in model.named_buffers()}
-    trainable_storages = {s.data_ptr() for p in model.parameters() if p.requires_grad for s in storages(p)}
+    trainable_storages = {storage_key(s) for p in model.parameters() if p.requires_grad for s in storages(p)}
     return tensor_bytes(v for k, v in model.state_dict(keep_vars=True).items()
                         if k not in trainable and k not in buffers and isinstance(v, torch.Tensor)
-                        and not any(s.data_ptr() in trainable_storages for s in storages(v)))
+                        and not any(storage_key(s) in trainable_storages for s in storages(v)))
 
 
 class MemoryMonitor(L.Callback):
     """Measures every training step and writes one ``memory.csv`` row per step.
 
-    The CUDA peak is reset at the start of every step, so ``peak_bytes`` is that step's peak. On CPU there is
-    no allocator peak: ``peak_bytes`` is then the accounted sum param + grad + optimizer state + activations.
-    Under DDP every rank measures itself; only rank 0 writes the file.
+    ``peak_bytes`` is the step's real peak: on CUDA the allocator's (reset at the start of every step), on
+    CPU the most bytes of tensors alive at once (``LiveTensorBytes``: the weights, gradients and optimizer
+    state present when the step starts, and every tensor the step creates, temporaries included).
+    ``accounted_bytes`` is the sum param + grad + optimizer state + saved activations, which misses
+    temporaries, recomputation and the loss head. Under DDP every rank measures itself; only rank 0 writes
+    the file.
     """
 
     def __init__(self, run_dir: str | Path):
         self.csv_path = Path(run_dir) / "memory.csv"
         self.rows: list[dict] = []
+        self.peak_source = ""
         self._file = None
+        self._live: LiveTensorBytes | None = None
 
     def on_train_start(self, trainer, pl_module):
         self._frozen_param_bytes = frozen_weight_bytes(pl_module.model)  # frozen: the same every step
+        self.peak_source = peak_source(pl_module, trainer.optimizers)
         if not trainer.is_global_zero:
             return
         self._file = open(self.csv_path, "w", newline="")
@@ -82,39 +135,38 @@ class MemoryMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._grad_bytes = self._frozen_grad_bytes = 0
+        self._grads = {"grad_bytes": 0, "frozen_grad_bytes": 0}
+        if self.peak_source == "live_tensors":
+            self._live = LiveTensorBytes()
+            self._live.track(resident_tensors(pl_module, trainer.optimizers, batch))
+            self._live.__enter__()
         self._start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._grad_bytes = tensor_bytes(p.grad for p in pl_module.parameters() if p.grad is not None)
-        self._frozen_grad_bytes = tensor_bytes(p.grad for p in pl_module.parameters()
-                                               if p.grad is not None and not p.requires_grad)
+        self._grads = gradient_bytes(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cuda = pl_module.device.type == "cuda"
-        frozen = [p for p in pl_module.parameters() if not p.requires_grad]
         if cuda:
             torch.cuda.synchronize(pl_module.device)
         step_time = time.perf_counter() - self._start
+        live_peak = self._stop_live()
         output = pl_module.last_output
         row = {
             "step": trainer.global_step,
             "loss": float(output.mean_loss()),  # per target token of the whole batch, also when samples are selected
             "activation_bytes": pl_module.activation_bytes,
-            "param_bytes": tensor_bytes(p for p in pl_module.parameters() if p.requires_grad) + self._frozen_param_bytes,
-            "grad_bytes": self._grad_bytes,
-            "optimizer_state_bytes": sum(optimizer_state_bytes(o) for o in trainer.optimizers),
-            "frozen_param_bytes": self._frozen_param_bytes,
-            "frozen_grad_bytes": self._frozen_grad_bytes,
-            "frozen_optimizer_state_bytes": sum(optimizer_state_bytes(o, frozen) for o in trainer.optimizers),
+            **held_bytes(pl_module, trainer.optimizers, self._frozen_param_bytes),
+            **self._grads,
             "cuda_allocated_peak_bytes": torch.cuda.max_memory_allocated(pl_module.device) if cuda else "",
             "cuda_reserved_peak_bytes": torch.cuda.max_memory_reserved(pl_module.device) if cuda else "",
             "step_time_s": step_time,
             "samples_per_s": output.num_samples / step_time,
-            "tokens_per_s": output.num_tokens / step_time if output.num_tokens else "",
+            "tokens_per_s": int(output.num_tokens) / step_time if output.num_tokens is not None else "",
         }
-        accounted = row["param_bytes"] + row["grad_bytes"] + row["optimizer_state_bytes"] + row["activation_bytes"]
-        row["peak_bytes"] = row["cuda_allocated_peak_bytes"] if cuda else accounted
+        row["accounted_bytes"] = accounted_bytes(row)
+        row["peak_bytes"] = row["cuda_allocated_peak_bytes"] if cuda else live_peak if live_peak is not None \
+            else row["accounted_bytes"]
         self.rows.append(row)
         if self._file is not None:
             self._writer.writerow(row)
@@ -125,13 +177,25 @@ class MemoryMonitor(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.close()
 
+    def on_exception(self, trainer, pl_module, exception):
+        self._stop_live()
+
+    def _stop_live(self) -> int | None:
+        """Leave the step's live-tensor tracker; its peak (None when none ran: not on CPU)."""
+        live, self._live = self._live, None
+        if live is None:
+            return None
+        live.__exit__(None, None, None)
+        return live.peak
+
     def close(self):
+        self._stop_live()
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
-def summarize(rows: list[dict], *, device: torch.device) -> dict:
+def summarize(rows: list[dict], *, device: torch.device, peak_source: str | None = None) -> dict:
     """The report's measured keys from the per-step rows (the first step, a warm-up, is left out of speeds)."""
     timed = rows[1:] or rows
     last = rows[-10:]
@@ -143,8 +207,9 @@ def summarize(rows: list[dict], *, device: torch.device) -> dict:
     return {
         "steps": len(rows),
         "device": str(device),
-        "peak_source": "cuda_max_allocated" if device.type == "cuda" else "accounted",
+        "peak_source": peak_source or ("cuda_max_allocated" if device.type == "cuda" else "live_tensors"),
         "peak_bytes": max(r["peak_bytes"] for r in rows),
+        "accounted_bytes": max(r["accounted_bytes"] for r in rows),
         "cuda_reserved_peak_bytes": max(r["cuda_reserved_peak_bytes"] for r in rows) if device.type == "cuda" else None,
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "activation_bytes": max(r["activation_bytes"] for r in rows),
@@ -234,10 +299,14 @@ def format_report(report: dict) -> str:
             return ""
         return f"  (trainable {(report[key] - frozen) / GIB:.4f}, frozen {frozen / GIB:.4f})"
 
-    peak_note = "CUDA max allocated" if report["peak_source"] == "cuda_max_allocated" else "accounted: no allocator peak on CPU"
+    peak_note = {"cuda_max_allocated": "CUDA max allocated", "live_tensors": "most tensor bytes alive at once",
+                 "accounted": "accounted: compiled code hides its tensors from the live-tensor tracker",
+                 "estimated": "estimated"}.get(report["peak_source"], report["peak_source"])
     lines = [
         f"memory report ({', '.join(report['strategies'])} on {report['recipe']}, {report['device']}, {report['steps']} steps)",
         f"  peak                 {gib('peak_bytes')}  ({peak_note})",
+        f"  accounted            {gib('accounted_bytes')}  (weights + gradients + optimizer state + saved)"
+        if report.get("accounted_bytes") is not None else "",
         f"  activations (saved)  {gib('activation_bytes')}",
         f"  parameters           {gib('param_bytes')}{split('param_bytes')}",
         f"  gradients            {gib('grad_bytes')}{split('grad_bytes')}",

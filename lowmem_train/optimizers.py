@@ -49,7 +49,7 @@ def quantized_adamw(
             from torchao.optim import AdamW4bit, AdamW8bit
         except ImportError:
             raise ConfigError(f"optimizer=adamw{bits}bit needs torchao: {OPTIM_EXTRA}") from None
-        cls = AdamW8bit if bits == 8 else AdamW4bit
+        cls = compiled_step_optimizer(AdamW8bit if bits == 8 else AdamW4bit)
         if block_size is not None:
             kwargs["block_size"] = block_size
     else:
@@ -60,6 +60,18 @@ def quantized_adamw(
         if block_size is not None:
             raise ConfigError("optimizer.block_size is fixed by bitsandbytes (256); set it to null")
     return functools.partial(cls, **kwargs)
+
+
+def compiled_step_optimizer(cls: type):
+    """Builds ``cls`` marked ``compiled_step = True`` (torchao compiles its step), which the memory monitor and
+    the estimate read: no dispatch-mode meter can run inside a compiled step."""
+
+    def build(params, **kwargs):
+        optimizer = cls(params, **kwargs)
+        optimizer.compiled_step = True
+        return optimizer
+
+    return build
 
 
 class MatrixAdafactor(torch.optim.Adafactor):

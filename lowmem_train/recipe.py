@@ -36,7 +36,7 @@ class StepOutput:
     per_sample_count: torch.Tensor
     num_samples: int
     logits: torch.Tensor | None = None
-    num_tokens: int | None = None
+    num_tokens: int | torch.Tensor | None = None  # a tensor is read (synchronised) only when reported
     sample_stats: dict[str, torch.Tensor] | None = None
 
     def mean_loss(self) -> torch.Tensor:
@@ -47,7 +47,8 @@ class StepOutput:
         """Only the small per-sample tensors, cut from the graph: what may outlive a training step."""
         stats = self.sample_stats and {key: value.detach() for key, value in self.sample_stats.items()}
         return StepOutput(self.per_sample_loss.detach(), self.per_sample_count.detach(), self.num_samples,
-                          num_tokens=self.num_tokens, sample_stats=stats)
+                          num_tokens=self.num_tokens.detach() if isinstance(self.num_tokens, torch.Tensor)
+                          else self.num_tokens, sample_stats=stats)
 
 
 class Recipe:
@@ -68,6 +69,15 @@ class Recipe:
         check_data_config(data)
 
     def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_untrained_model(self) -> nn.Module:
+        """The model's architecture without loading any weights (``estimate=true`` builds it on fake tensors,
+        so even an 8B model costs nothing); random init where the recipe has nothing else."""
+        return self.build_model()
+
+    def shape_batch(self):
+        """A batch of the largest shape the data config gives (random content): what ``estimate=true`` steps on."""
         raise NotImplementedError
 
     def build_dataloaders(self) -> tuple[DataLoader, DataLoader | None]:
@@ -107,6 +117,11 @@ class ImageClassification(Recipe):
     """Cross-entropy on (images, labels) batches; validation accuracy and loss."""
 
     validation_metric = "val/acc"
+    default_image_size: ClassVar[int] = 32  # where the data config has no image_size (cifar10)
+
+    def shape_batch(self):
+        size, batch = int(self.data_cfg.get("image_size", self.default_image_size)), int(self.data_cfg.batch_size)
+        return torch.randn(batch, 3, size, size), torch.randint(0, int(self.model_cfg.num_classes), (batch,))
 
     def forward(self, model: nn.Module, batch) -> StepOutput:
         images, labels = batch

@@ -47,7 +47,7 @@ def recompute_inputs(tensors):
     """While a checkpointed block is called: ``tensors`` are what its forward will be run again from in
     backward. A lossy stage must treat them apart: their rounding error is fed forward through the whole
     block again, not only into one op's backward."""
-    token = _RECOMPUTE_INPUTS.set(_RECOMPUTE_INPUTS.get() | {t.untyped_storage().data_ptr() for t in tensors})
+    token = _RECOMPUTE_INPUTS.set(_RECOMPUTE_INPUTS.get() | {storage_key(t.untyped_storage()) for t in tensors})
     try:
         yield
     finally:
@@ -55,7 +55,13 @@ def recompute_inputs(tensors):
 
 
 def is_recompute_input(tensor: torch.Tensor) -> bool:
-    return tensor.untyped_storage().data_ptr() in _RECOMPUTE_INPUTS.get()
+    return storage_key(tensor.untyped_storage()) in _RECOMPUTE_INPUTS.get()
+
+
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """Identifies a storage while it lives, also a fake one (``FakeTensorMode``: every data pointer is 0) and
+    one whose memory is released and re-allocated in place (FSDP2's resized parameter storages)."""
+    return storage._cdata
 
 
 def memory_perm(x: torch.Tensor) -> tuple[int, ...] | None:
@@ -74,7 +80,7 @@ def memory_key(x: torch.Tensor) -> tuple:
     """Identifies a saved tensor's data: equal for dense views of the same memory whatever their shape
     (``x``, ``x.t()``, ``x.view(...)``), so the pipeline packs that memory once."""
     extent = x.numel() if is_dense(x, memory_perm(x)) else (tuple(x.shape), x.stride())
-    return (x.device, x.data_ptr(), extent, x.dtype, x._version)
+    return (x.device, storage_key(x.untyped_storage()), x.storage_offset(), extent, x.dtype, x._version)
 
 
 def model_state_storages(model: nn.Module | None) -> set[int]:
@@ -82,7 +88,7 @@ def model_state_storages(model: nn.Module | None) -> set[int]:
     for backward by some ops, but model state, not activations, so never counted or transformed."""
     if model is None:
         return set()
-    return {s.data_ptr() for t in (*model.parameters(), *model.buffers()) for s in storages(t)}
+    return {storage_key(s) for t in (*model.parameters(), *model.buffers()) for s in storages(t)}
 
 
 SHARDED = "_lowmem_sharded"  # set on a model by lowmem_train.sharding.shard_model
@@ -99,7 +105,7 @@ class ModelState:
         self.sharded = model is not None and model.__dict__.get(SHARDED, False)
 
     def holds(self, tensor: torch.Tensor, storage) -> bool:
-        if storage.data_ptr() in self.storages:
+        if storage_key(storage) in self.storages:
             return True
         return self.sharded and (isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter))
 
@@ -201,7 +207,7 @@ class SavedBytesMeter:
 
     def add(self, packed: Any) -> None:
         for tensor, storage in self.kept_storages(packed):
-            key = (tensor.device, storage.data_ptr())
+            key = (tensor.device, storage_key(storage))
             if key in self._seen:
                 continue
             self._seen.add(key)

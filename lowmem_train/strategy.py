@@ -82,6 +82,7 @@ class Strategy:
     incompatible_with: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""  # one line for the catalogue: what it saves and what it costs
+    compiles: ClassVar[bool] = False  # runs torch.compile'd code (CPU peaks are then accounted, not tracked)
     needs_example: ClassVar[bool] = False  # measures the model on the first batch: ``example`` is set before plan
     example: ExampleBatch | None = None
 
@@ -132,6 +133,12 @@ class Strategy:
     def sharding_problem(self) -> str | None:
         """Why this strategy, with its options, cannot run on a model sharded by FSDP2 (``trainer=fsdp``), or None."""
         return None
+
+    def estimate_problem(self) -> str | None:
+        """Why ``estimate=true`` cannot predict this strategy's step, or None. A strategy returns None once a
+        step of it on fake tensors (no data, so no data-dependent decisions; no custom kernels) is checked
+        against a real step's measured bytes (``tests/test_estimate.py``)."""
+        return "its step on fake tensors is not checked against a real one yet"
 
 
 def parse_options(strategy: str, options_class: type, options: Mapping[str, Any]):
@@ -186,15 +193,7 @@ def build_strategies(spec: str | Iterable[str | Mapping[str, Any]] | Mapping[str
     Checks declared incompatibilities and refuses a strategy named twice. ``none`` combined with others is
     dropped: it means plain backprop.
     """
-    if spec is None:
-        spec = {}
-    elif isinstance(spec, str):
-        spec = {spec: {}}
-    elif isinstance(spec, (DictConfig, Mapping)):
-        spec = dict(spec)
-    else:
-        spec = merge_spec_items(spec)
-    strategies = [get_strategy_class(name)(options) for name, options in spec.items()]
+    strategies = [get_strategy_class(name)(options) for name, options in spec_mapping(spec).items()]
     names = {s.name for s in strategies}
     for strategy in strategies:
         clash = sorted(names & strategy.incompatible_with)
@@ -206,6 +205,17 @@ def build_strategies(spec: str | Iterable[str | Mapping[str, Any]] | Mapping[str
     if len(strategies) > 1:
         strategies = [s for s in strategies if s.name != "none"]
     return sorted(strategies, key=lambda s: s.order)
+
+
+def spec_mapping(spec) -> dict[str, Any]:
+    """A strategy spec (see ``build_strategies``) as one mapping name -> options."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {spec: {}}
+    if isinstance(spec, (DictConfig, Mapping)):
+        return dict(spec)
+    return merge_spec_items(spec)
 
 
 def merge_spec_items(items: Iterable[Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils._pytree import tree_map_only
 
-from . import checkpoints
+from . import checkpoints, estimate
 from .causal_lm import sample_statistics
 from .low_precision import keep_low_precision_updates, rounding_report
 from .errors import ConfigError, LowmemError, StrategyError, one_line
@@ -42,7 +42,8 @@ from .recompute import frozen_norm_statistics
 from .run_control import RunControl, RunStopped
 from .saved_tensors import SavedBytesMeter
 from .sharding import FSDP2
-from .strategy import ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies
+from .strategy import (ExampleBatch, Strategy, apply_built, build_strategies, give_example, plan_strategies,
+                       spec_mapping)
 from .undisturbed import undisturbed
 from .validation import coerce, schema_defaults, unknown_keys
 
@@ -165,6 +166,12 @@ class TrainingModule(L.LightningModule):
         if shard is not None:
             shard(self.model)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Free the gradients as soon as the optimizer has used them: Lightning zeroes them only inside the next
+        step's closure, after its forward, so they would sit through the forward, at the step's peak."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         for strategy in self.strategies:
             optimizer = strategy.configure_optimizer(self.model, self.optimizer_factory)
@@ -250,8 +257,25 @@ def instantiate_choice(cfg: DictConfig, group: str, *, label: str | None = None,
         raise ConfigError(f"{label or group}: {one_line(cause or exc)}") from None
 
 
+BUDGET_PLANNER = "auto"  # the registered strategy that ``memory_budget=`` stands for
+
+
+def strategy_spec(cfg: DictConfig):
+    """The run's strategies: ``cfg.strategy``, and with ``memory_budget=<size or fraction>`` the budget planner
+    with that budget beside them (it plans around the others)."""
+    spec = cfg.get("strategy")
+    budget = cfg.get("memory_budget")
+    if budget is None:
+        return spec
+    strategies = spec_mapping(spec)
+    if BUDGET_PLANNER in strategies:
+        raise ConfigError(f"memory_budget={budget} is shorthand for strategy={BUDGET_PLANNER} with that budget; give "
+                          f"either memory_budget or strategy.{BUDGET_PLANNER}.memory_budget, not both")
+    return {**strategies, BUDGET_PLANNER: {"memory_budget": str(budget)}}
+
+
 def build_recipe(cfg: DictConfig) -> Recipe:
-    with building_for(cfg.get("strategy")):  # what its offline advice keeps of the run
+    with building_for(strategy_spec(cfg)):  # what its offline advice keeps of the run
         return instantiate_choice(cfg, "recipe", model=cfg.model, data=cfg.data, _recursive_=False)
 
 
@@ -343,7 +367,7 @@ def validate_config(cfg: DictConfig) -> tuple[list[Strategy], Recipe]:
     check_optimizer(cfg)
     if is_wandb(cfg):
         check_wandb(cfg)
-    strategies, recipe = build_strategies(cfg.get("strategy")), build_recipe(cfg)  # strategy=[]: no strategy key
+    strategies, recipe = build_strategies(strategy_spec(cfg)), build_recipe(cfg)  # strategy=[]: no strategy key
     sharded = isinstance(trainer_kwargs(cfg).get("strategy"), FSDP2)
     if sharded:
         check_shardable(strategies, check_optimizer(cfg))
@@ -421,7 +445,7 @@ def run_report(module: TrainingModule, touched, monitor: MemoryMonitor, validati
         "strategies": [s.name for s in module.strategies] or ["none"],
         "recipe": recipe.name,
         "model": type(module.model).__name__,
-        **summarize(monitor.rows, device=module.device),
+        **summarize(monitor.rows, device=module.device, peak_source=monitor.peak_source),
         "validation_metric": recipe.validation_metric if validation else None,
         "validation_metric_value": validation.get(recipe.validation_metric),
         "validation": validation,
@@ -462,6 +486,41 @@ def write_run_files(report: dict, run_dir: Path, strategy_files: list[str], touc
     write_report(report, run_dir)
 
 
+def estimate_run(cfg: DictConfig) -> dict:
+    """``estimate=true``: the run's step and each ``estimate.compare`` row predicted on fake tensors, written to
+    ``memory_report.json`` and printed; nothing trains, no weights or data are loaded."""
+    settings = estimate.settings_of(cfg)
+
+    def estimate_one(run_cfg: DictConfig) -> dict:
+        run_settings = check_run_settings(run_cfg)
+        strategies, recipe = validate_config(run_cfg)
+        dtype = run_cfg.model.get("dtype")
+        if dtype is not None and getattr(dtype, "value", dtype) == "bfloat16" and not settings.device.bf16:
+            raise ConfigError(f"model.dtype=bfloat16: {settings.device.name} has no bfloat16; use model.dtype=float16 "
+                              "or float32")
+        optimizer_factory = keep_low_precision_updates(instantiate_choice(run_cfg, "optimizer"),
+                                                       run_settings.low_precision_updates, run_settings.seed)
+        return estimate.estimate_report(run_cfg, recipe, strategies, optimizer_factory, settings)
+
+    report = estimate_one(cfg)
+    rows = estimate.compare_rows(settings, estimate.run_overrides(), estimate_one, cfg, report)
+    estimate.write_estimate(report, rows, Path(cfg.run_dir))
+    print(estimate.format_estimate(report, rows, settings))
+    return report
+
+
+def leave_process_group(together: bool) -> None:
+    """Destroy the process group now, while the interpreter is whole: left to exit, gloo's worker threads
+    can abort the process (``terminate called without an active exception``, torchrun then reports a
+    finished run as failed). ``together``: the ranks first wait for each other (rank 0 writes the report
+    while the others would already be tearing down their side of the connections)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if together:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def train(cfg: DictConfig) -> dict | None:
     """Run one training job; returns the memory report (None for a dry run and on DDP ranks other than 0).
 
@@ -471,6 +530,8 @@ def train(cfg: DictConfig) -> dict | None:
     settings = check_run_settings(cfg)
     L.seed_everything(settings.seed, workers=True, verbose=False)
     strategies, recipe = validate_config(cfg)
+    if cfg.estimate.enabled:
+        return estimate_run(cfg)
     model = recipe.build_model()
     loaders = None
     if any(s.needs_example for s in strategies):
@@ -507,12 +568,14 @@ def train(cfg: DictConfig) -> dict | None:
     # RunControl writes the checkpoints (see run_control.py for why not Lightning's ModelCheckpoint)
     trainer = L.Trainer(**{**trainer_kwargs(cfg), "enable_checkpointing": False}, logger=logger, callbacks=callbacks,
                         default_root_dir=str(run_dir))
+    ended = False  # without an exception: only then do the ranks meet once more before leaving
     try:
         stopped, validation = fit(trainer, module, train_loader, val_loader, settings.ckpt_path)
         if not monitor.rows:
             raise ConfigError("no training step ran: check trainer.max_steps / trainer.max_epochs and the data size")
-        ranks = gather_ranks(summarize(monitor.rows, device=module.device))
+        ranks = gather_ranks(summarize(monitor.rows, device=module.device, peak_source=monitor.peak_source))
         sampled = samples.samples(module.model) if samples else None  # every rank: a sharded model generates together
+        ended = True
         if not trainer.is_global_zero:
             return None  # DDP: rank 0 writes the report
         report = {**run_report(module, touched, monitor, validation, stopped, run_dir), "ranks": ranks}
@@ -534,5 +597,4 @@ def train(cfg: DictConfig) -> dict | None:
         run_control.restore_signal_handlers()
         if hasattr(logger, "experiment") and is_wandb(cfg):
             logger.experiment.finish()  # else the runs of a multirun merge into one
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # else gloo's threads may abort the process at exit
+        leave_process_group(together=ended)

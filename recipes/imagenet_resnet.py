@@ -31,6 +31,10 @@ class ImageNetResNet(ImageClassification):
         kwargs = {} if weights else {"num_classes": int(self.model_cfg.num_classes)}
         return getattr(torchvision.models, arch)(weights=weights, **kwargs)
 
+    def build_untrained_model(self) -> nn.Module:
+        return getattr(torchvision.models, self.model_cfg.arch)(num_classes=1000 if self.model_cfg.get("weights")
+                                                                else int(self.model_cfg.num_classes))
+
     def build_dataloaders(self):
         data = self.data_cfg
         size = int(data.image_size)

@@ -53,12 +53,23 @@ class LlamaFinetune(Recipe):
         except ValueError as exc:
             raise ConfigError(f"recipe {self.name}: {exc}") from None
 
+    def build_untrained_model(self) -> nn.Module:
+        """From the config alone (``model.config``, or ``config.json``/GGUF header of ``model.name_or_path``)."""
+        from transformers import AutoModelForCausalLM
+
+        return CausalLMWithLossHead(AutoModelForCausalLM.from_config(self.model_config(), dtype=self.weights_dtype()))
+
+    def shape_batch(self) -> dict:
+        """Full rows of ``data.seq_len`` tokens and no padding: the most a batch holds (a mask of all ones is
+        what the model leaves out anyway)."""
+        ids = torch.randint(0, self.model_config().vocab_size, (int(self.data_cfg.batch_size), int(self.data_cfg.seq_len)))
+        return {"input_ids": ids, "labels": ids.clone()}
+
     def build_causal_lm(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         path = self.model_cfg.get("name_or_path")
-        dtype = self.model_cfg.get("dtype") or "float32"  # a Dtype of the model schema (its valid choices)
-        dtype = getattr(torch, getattr(dtype, "value", dtype))
+        dtype = self.weights_dtype()
         if path:
             offline = not is_local(path) and not hub_reachable()
             try:
@@ -68,6 +79,10 @@ class LlamaFinetune(Recipe):
             record_source(causal_lm, path, self.model_cfg.get("gguf_file"), dtype)
             return without_gguf_quantizer(causal_lm) if self.model_cfg.get("gguf_file") else causal_lm
         return AutoModelForCausalLM.from_config(self.model_config(), dtype=dtype)
+
+    def weights_dtype(self) -> torch.dtype:
+        dtype = self.model_cfg.get("dtype") or "float32"  # a Dtype of the model schema (its valid choices)
+        return getattr(torch, getattr(dtype, "value", dtype))
 
     def unloadable(self, exc: Exception, offline: bool) -> ConfigError:
         path = self.model_cfg.name_or_path
@@ -214,7 +229,7 @@ class LlamaFinetune(Recipe):
     def forward(self, model: nn.Module, batch) -> StepOutput:
         output = model(**batch)
         return StepOutput(output.per_sample_loss, output.per_sample_count, num_samples=batch["input_ids"].shape[0],
-                          num_tokens=int(output.per_sample_count.sum()), sample_stats=output.sample_stats)
+                          num_tokens=output.per_sample_count.sum(), sample_stats=output.sample_stats)
 
     def validation_step(self, model: nn.Module, batch):
         output = self.forward(model, batch)

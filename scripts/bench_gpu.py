@@ -45,6 +45,7 @@ import torch
 from lowmem_train import available_strategies
 from lowmem_train.cli import compose, with_trainer_keywords
 from lowmem_train.errors import LowmemError, one_line
+from lowmem_train.estimate import preset_of
 from lowmem_train.training import train
 
 GIB = 2**30
@@ -129,6 +130,8 @@ class Row:
     peak_allocated: int | None = None
     peak_reserved: int | None = None
     peak_source: str = ""
+    predicted_peak: int | None = None
+    predicted: str = ""              # why there is no prediction, if there is none
     activation_bytes: int | None = None
     step_time_s: float | None = None
     throughput: float | None = None  # tokens/s (llama) or images/s (resnet)
@@ -180,7 +183,9 @@ def measure(config: Config, args, run_dir: Path, log_path: Path, max_time_s: flo
     start = time.perf_counter()
     try:
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            cfg = compose(with_trainer_keywords(overrides(config, args.shape, steps, max_time_s)))
+            settings = with_trainer_keywords(overrides(config, args.shape, steps, max_time_s))
+            predict(row, settings, run_dir.with_name(run_dir.name + "-estimate"))
+            cfg = compose(settings)
             cfg.run_dir = str(run_dir)
             report = train(cfg)
     except torch.cuda.OutOfMemoryError:
@@ -206,6 +211,25 @@ def measure(config: Config, args, run_dir: Path, log_path: Path, max_time_s: flo
     return row
 
 
+def predict(row: Row, settings: list[str], run_dir: Path) -> None:
+    """The configuration's estimated peak (``estimate=true`` on this device's preset) into ``row``."""
+    if torch.cuda.is_available():
+        preset = preset_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
+    else:
+        preset = "cpu"
+    if preset is None:
+        row.predicted = f"no device preset for {torch.cuda.get_device_name()}"
+        return
+    try:
+        cfg = compose([*settings, "estimate.enabled=true", f"estimate.device={preset}", "estimate.compare=[]"])
+        cfg.run_dir = str(run_dir)
+        row.predicted_peak = train(cfg)["peak_bytes"]
+    except LowmemError as exc:
+        row.predicted = one_line(exc)
+    except Exception as exc:  # noqa: BLE001 - the benchmark's measurement still runs
+        row.predicted = f"{type(exc).__name__}: {one_line(exc)}"
+
+
 def read_run(row: Row, path: Path, warmup: int) -> None:
     with open(path) as file:
         rows = list(csv.DictReader(file))
@@ -214,7 +238,7 @@ def read_run(row: Row, path: Path, warmup: int) -> None:
     if not timed:
         return
     cuda = timed[0]["cuda_allocated_peak_bytes"] != ""
-    row.peak_source = "cuda" if cuda else "accounted"
+    row.peak_source = "cuda" if cuda else "live tensors"
     row.peak_allocated = max(int(float(r["cuda_allocated_peak_bytes" if cuda else "peak_bytes"])) for r in timed)
     row.peak_reserved = max(int(float(r["cuda_reserved_peak_bytes"])) for r in timed) if cuda else None
     row.activation_bytes = max(int(float(r["activation_bytes"])) for r in timed)
@@ -237,7 +261,8 @@ def leftover_bytes() -> int:
 
 
 CSV_COLUMNS = ["config", "model", "batch", "strategies", "options", "optimizer", "status", "steps",
-               "peak_allocated_bytes", "peak_reserved_bytes", "peak_source", "activation_bytes", "step_time_s",
+               "peak_allocated_bytes", "peak_reserved_bytes", "peak_source", "predicted_peak_bytes",
+               "predicted_problem", "activation_bytes", "step_time_s",
                "throughput", "throughput_unit", "loss", "wall_s"]
 
 
@@ -253,7 +278,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
             c = r.config
             writer.writerow([c.name, c.model, c.batch, "+".join(c.strategies) or "none", " ".join(c.options),
                              c.optimizer or "", r.status, r.steps, r.peak_allocated, r.peak_reserved, r.peak_source,
-                             r.activation_bytes, r.step_time_s, r.throughput, unit(c), r.loss, round(r.wall_s, 1)])
+                             r.predicted_peak, r.predicted, r.activation_bytes, r.step_time_s, r.throughput, unit(c), r.loss, round(r.wall_s, 1)])
 
 
 def gib(value: int | None) -> str:
@@ -262,13 +287,16 @@ def gib(value: int | None) -> str:
 
 def markdown(rows: list[Row], header: list[str]) -> str:
     lines = [*header, "",
-             "| configuration | peak allocated GiB | peak reserved GiB | saved activations GiB | throughput | "
-             "step ms | loss | status |", "|---|---|---|---|---|---|---|---|"]
+             "| configuration | peak allocated GiB | predicted GiB | peak reserved GiB | saved activations GiB | "
+             "throughput | step ms | loss | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "" if r.throughput is None else f"{r.throughput:,.0f} {unit(r.config)}"
         step = "" if r.step_time_s is None else f"{r.step_time_s * 1000:.0f}"
         loss = "" if r.loss is None else f"{r.loss:.4f}"
-        lines.append(f"| {r.config.name} | {gib(r.peak_allocated)} | {gib(r.peak_reserved)} | "
+        predicted = gib(r.predicted_peak) if r.predicted_peak is not None else "-"
+        if r.predicted_peak is not None and r.peak_allocated:
+            predicted += f" ({r.predicted_peak / r.peak_allocated - 1:+.1%})"
+        lines.append(f"| {r.config.name} | {gib(r.peak_allocated)} | {predicted} | {gib(r.peak_reserved)} | "
                      f"{gib(r.activation_bytes)} | {speed} | {step} | {loss} | {r.status} |")
     return "\n".join(lines) + "\n"
 
@@ -288,7 +316,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
             axis.annotate(r.config.name.split(" ", 1)[1], (r.throughput, r.peak_allocated / GIB), fontsize=7,
                           xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel(unit(measured[0].config))
-        axis.set_ylabel("peak GiB (" + ("CUDA allocated" if measured[0].peak_source == "cuda" else "accounted") + ")")
+        axis.set_ylabel("peak GiB (" + ("CUDA allocated" if measured[0].peak_source == "cuda" else "live tensors") + ")")
         axis.set_title(model)
         axis.grid(alpha=0.3)
     figure.suptitle(title, fontsize=9)

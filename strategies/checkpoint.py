@@ -56,6 +56,9 @@ class Checkpoint(Strategy):
         for touch in plan:
             apply_checkpoint(model.get_submodule(touch.module), name=touch.module)
 
+    def estimate_problem(self) -> str | None:
+        return None  # tests/test_estimate.py checks its fake step against a real one
+
 
 def apply_checkpoint(module: nn.Module, *, name: str = "") -> nn.Module:
     """Make ``module`` checkpoint its forward (idempotent; parameters and state_dict keys unchanged)."""

@@ -104,6 +104,7 @@ class CompileTimer(L.Callback):
 class Compile(Strategy):
     exact = True  # the same maths; fused kernels may round differently in the last bits
     order = 99  # last: compiles the blocks as the other strategies left them
+    compiles = True
     # auto measures the plain model; zo_sgd swaps perturbed weights into modules at every forward (recompiles)
     incompatible_with = frozenset({"compress", "selective_checkpoint", "auto", "zo_sgd"})
     Options = CompileOptions

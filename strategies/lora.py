@@ -139,6 +139,12 @@ class Lora(Strategy):
     def callbacks(self) -> list:
         return [SaveAdapters(self.options.save_merged)]
 
+    def estimate_problem(self) -> str | None:
+        if self.options.quantize != "none":
+            return (f"quantize={self.options.quantize}: bitsandbytes builds its quantized weights on a real device, "
+                    "not on fake tensors")
+        return None  # tests/test_estimate.py checks its fake step against a real one
+
     def sharding_problem(self) -> str | None:
         if self.options.quantize != "none":
             return (f"quantize={self.options.quantize} stores the base weights as bitsandbytes tensors, which FSDP2 "

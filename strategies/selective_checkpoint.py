@@ -46,7 +46,7 @@ from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select
 from lowmem_train.forward_wrap import Phase, wrap_forward
 from lowmem_train.knapsack import choose_one_each, in_units
 from lowmem_train.recompute import checkpointed_call, frozen_norm_statistics, without_kv_cache
-from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, model_state_storages
+from lowmem_train.saved_tensors import SavedBytesMeter, install_pipeline, model_state_storages, storage_key
 from lowmem_train.undisturbed import cuda_devices, undisturbed
 
 log = logging.getLogger(__name__)
@@ -327,11 +327,11 @@ class _OpProfiler(TorchDispatchMode):
             # SAC refuses a stored output that is later changed in place (ReLU(inplace), ``out += x``).
             if ptr in self._producer:
                 self.calls[self._producer.pop(ptr)].nbytes = 0
-        input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+        input_storages = {storage_key(t.untyped_storage()) for t in inputs}
         fresh = {}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
-                fresh[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if isinstance(t, torch.Tensor) and storage_key(t.untyped_storage()) not in input_storages:
+                fresh[storage_key(t.untyped_storage())] = t.untyped_storage().nbytes()
         name = str(func)
         index = self._counts.get(name, 0)
         self._counts[name] = index + 1
@@ -347,7 +347,7 @@ def _written_storages(func, args, kwargs) -> list[int]:
         if argument.alias_info is None or not argument.alias_info.is_write:
             continue
         value = args[position] if position < len(args) else kwargs.get(argument.name)
-        written += [t.untyped_storage().data_ptr() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+        written += [storage_key(t.untyped_storage()) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
     return written
 
 
@@ -357,13 +357,13 @@ def _profile(module: nn.Module, forward, args, kwargs, param_storages: set[int],
     The passes must not change training: RNG is forked (dropout masks of the real forward unchanged) and
     batch-norm running statistics put back. One block's full activations live only during this call.
     """
-    inputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+    inputs = {storage_key(t.untyped_storage()): t.untyped_storage().nbytes()
               for t in tree_flatten((args, kwargs))[0]
-              if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in param_storages}
+              if isinstance(t, torch.Tensor) and storage_key(t.untyped_storage()) not in param_storages}
     saved: dict[int, int] = {}  # storage -> bytes, of the first pass (later passes may reuse addresses)
 
     def pack(tensor):
-        ptr = tensor.untyped_storage().data_ptr()
+        ptr = storage_key(tensor.untyped_storage())
         if ptr not in param_storages and ptr not in inputs and not runs:
             saved[ptr] = tensor.untyped_storage().nbytes()
         return tensor
@@ -378,7 +378,7 @@ def _profile(module: nn.Module, forward, args, kwargs, param_storages: set[int],
                 # The output is the next block's input, which the census already counts when it is kept.
                 for tensor in tree_flatten(output)[0]:
                     if isinstance(tensor, torch.Tensor):
-                        saved.pop(tensor.untyped_storage().data_ptr(), None)
+                        saved.pop(storage_key(tensor.untyped_storage()), None)
             runs.append(profiler.calls)
             del output
     calls = [OpCall(c.key, c.nbytes, min(run[i].seconds for run in runs)) for i, c in enumerate(runs[0])]

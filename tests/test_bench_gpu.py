@@ -45,8 +45,15 @@ def test_smoke_runs_every_configuration_and_writes_csv_table_and_plot(bench, tmp
         assert activations[less] < activations["resnet b4 none"], less
     assert (activations["llama b4 compress+chunked_ce compress.bits=2"]
             < activations["llama b4 compress+chunked_ce compress.bits=4"])
+    # the predicted column: within 5% of the measured (live-tensor) peak wherever the estimate can predict
+    predicted = {name: row for name, row in saved.items() if row["predicted_peak_bytes"]}
+    assert {"llama b4 none", "llama b4 checkpoint+chunked_ce", "llama b4 lora+checkpoint+chunked_ce",
+            "resnet b4 none", "resnet b4 checkpoint"} <= set(predicted)
+    for name, row in predicted.items():
+        assert abs(int(row["predicted_peak_bytes"]) / int(row["peak_allocated_bytes"]) - 1) <= 0.05, name
+    assert all(row["predicted_problem"] for name, row in saved.items() if name not in predicted)
     table = (tmp_path / "bench_gpu.md").read_text()
-    assert "| configuration | peak allocated GiB |" in table and "Kernel checks:" in table
+    assert "| configuration | peak allocated GiB | predicted GiB |" in table and "Kernel checks:" in table
     assert table.count("| ok |") == len(rows)
     assert (tmp_path / "bench_gpu.png").stat().st_size > 0
     assert len(list((tmp_path / "logs").glob("*.log"))) == len(rows)

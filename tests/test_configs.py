@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from lowmem_train import ConfigError, StrategyError, available_strategies, get_strategy_class
-from lowmem_train.cli import check_overrides, config_groups, with_trainer_keywords
+from lowmem_train.cli import check_overrides, config_groups, with_estimate_switch, with_trainer_keywords
 from lowmem_train.configs import groups
 from lowmem_train.strategy import apply_built
 from lowmem_train.training import validate_config
@@ -171,7 +171,7 @@ def test_readme_commands_compose_and_validate(command, tmp_path, monkeypatch):
         return
     overrides = [a for a in shlex.split(command)[1:] if a not in ("-m", "--cfg", "job")]
     try:
-        check_overrides(with_trainer_keywords(overrides))
+        check_overrides(with_estimate_switch(with_trainer_keywords(overrides)))
     except ConfigError as exc:
         # The recipe reads a hub model's config at config check; offline (CI), the hub id is refused in one line
         # naming the offline options, after everything else (trainer, optimizer, strategies) was checked.

