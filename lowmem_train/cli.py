@@ -25,6 +25,7 @@ import shutil
 import sys
 import traceback
 import warnings
+from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
 
@@ -221,10 +222,13 @@ def resolve_now(value: str) -> str:
 
 
 def compose(overrides: list[str]) -> DictConfig:
+    """The run config of ``overrides``, outside a Hydra app or inside one (``estimate.compare``'s rows)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    running = GlobalHydra.instance().is_initialized()
+    with nullcontext() if running else initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
             return hydra_compose(CONFIG_NAME, overrides=[o for o in overrides if not o.startswith("hydra")])
         except (HydraException, OmegaConfBaseException) as exc:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -345,7 +343,7 @@ def compare_rows(settings: EstimateSettings, run_overrides: list[str], estimate_
     """Each ``estimate.compare`` entry (overrides on top of the run's, ``{budget}``: the device's usable memory)
     estimated by ``estimate_one(cfg)`` (the run's own report where the entry composes the run's config); an
     entry that cannot be estimated says why in its row."""
-    from .cli import CONFIG_DIR, CONFIG_NAME
+    from .cli import compose  # cli imports training, which imports this module
 
     budget = f"{settings.device.capacity_gib - settings.reserve_gib:.2f}GiB"
     base = [o for o in run_overrides if not any(key_of(o) == k or key_of(o).startswith(k + ".") for k in REPLACED)]
@@ -353,14 +351,7 @@ def compare_rows(settings: EstimateSettings, run_overrides: list[str], estimate_
     for entry in settings.compare:
         label = entry.replace("{budget}", budget)
         try:
-            overrides = [*base, *label.split(), "estimate.compare=[]"]
-            if GlobalHydra.instance().is_initialized():
-                cfg = compose(CONFIG_NAME, overrides=overrides)
-            else:
-                from hydra import initialize_config_dir
-
-                with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-                    cfg = compose(CONFIG_NAME, overrides=overrides)
+            cfg = compose([*base, *label.split(), "estimate.compare=[]"])
             same = without_compare(cfg) == without_compare(run_cfg)
             rows.append({"run": label, **(run_report if same else estimate_one(cfg))})
         except LowmemError as exc:
