@@ -16,8 +16,15 @@ table of the usual strategy combinations (``estimate.compare``) on that device.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import io
+import math
+import multiprocessing
 import os
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +33,9 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .errors import ConfigError, LowmemError, one_line
@@ -34,7 +43,7 @@ from .live_memory import LiveTensorBytes
 from .memory import (GIB, accounted_bytes, compiled_step, frozen_weight_bytes, gradient_bytes, held_bytes, resident_tensors,
                      write_report)
 from .sharding import FSDP2, shard_model
-from .strategy import Strategy, apply_built
+from .strategy import ExampleBatch, Strategy, apply_built, give_example
 
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator hands out multiples of 512 bytes
 
@@ -191,7 +200,7 @@ def sharding_of(cfg: DictConfig):
 
 
 def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: DevicePreset, sharding=None,
-               world: int = 1, steps: int = 2):
+               world: int = 1, steps: int = 2, mfu: float = 0.4):
     """Build, apply (and under ``sharding``, FSDP2, shard over ``world`` ranks) and step on fake tensors; per step a
     row of ``MemoryMonitor``'s byte columns (rank 0's), and its FLOPs and created bytes. Returns (rows, touched,
     model class name)."""
@@ -201,13 +210,16 @@ def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: De
     if problems:
         raise ConfigError(f"estimate=true: {problems[0]}")
     round_to = CUDA_BLOCK_BYTES if device.cuda else 1
+    measuring = next((i for i, s in enumerate(strategies) if s.needs_example), len(strategies))
     with torch.device("meta"):
         model = recipe.build_untrained_model()
-        touched = apply_built(model, strategies)
-    with fake_process_group(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
-            eager_model_paths():
+        touched = apply_built(model, strategies[:measuring])
+    with fake_process_group(world) as mesh, EstimateFakeMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
+            eager_model_paths(), estimated_device(device, mfu):
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no trainer: the module's logging is a no-op
         fake_state(model)
+        if measuring < len(strategies):  # auto: it measures its menu on the fake model, timed by the device preset
+            touched |= apply_measured(model, recipe, strategies[measuring:], optimizer_factory, device, mfu)
         if sharding is not None:
             shard_model(model, mesh, param_dtype=sharding.param_dtype, reduce_dtype=sharding.reduce_dtype,
                         reshard_after_forward=sharding.reshard_after_forward)
@@ -233,6 +245,116 @@ def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: De
     return rows, touched, type(model).__name__
 
 
+class EstimateFakeMode(FakeTensorMode):
+    """``FakeTensorMode`` that asks once whether a CUDA device exists: torch's asks for every op it cannot serve
+    from its cache, and without a GPU each asking loads the NVIDIA management library again (6% of a step)."""
+
+    @functools.cached_property
+    def avoid_device_init(self) -> bool:
+        return FakeTensorMode.avoid_device_init.fget(self)
+
+
+def apply_measured(model, recipe, strategies: list[Strategy], optimizer_factory, device: DevicePreset,
+                   mfu: float) -> dict:
+    """Apply ``strategies`` (the first measures the model before deciding: auto) to the fake ``model``, their
+    example the shape batch and their clock the device preset's time model (``DeviceClock``)."""
+    batch = recipe.shape_batch()
+    with DeviceClock(device, mfu) as clock:
+        give_example(strategies, ExampleBatch(loss=lambda m: recipe.forward(m, batch).mean_loss(),
+                                              build_optimizer=optimizer_factory, device=torch.device("cpu"),
+                                              clock=clock.seconds))
+        return apply_built(model, strategies)
+
+
+def stand_in_scalar(tensor: torch.Tensor):
+    """What a value read off a fake tensor (``.item()``, ``bool(t)``) stands for: 1, or True (see FakeStepMeter)."""
+    return True if tensor.dtype == torch.bool else 1.0 if tensor.dtype.is_floating_point or tensor.dtype.is_complex else 1
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """torch's FLOP formula of ``func`` (matmuls, convolutions, attention), 0 for other ops."""
+    formula = flop_registry.get(func._overloadpacket)
+    return formula(*args, **(kwargs or {}), out_val=out) if formula is not None else 0
+
+
+OP_LAUNCH_S = 5e-6  # what any op costs besides its work: a CUDA kernel launch, an eager CPU op's dispatch
+
+
+class TimeModel:
+    """The seconds a device preset would take for one op: ``OP_LAUNCH_S`` plus its FLOPs at ``mfu`` of the
+    device's peak or the bytes of its inputs and outputs at the device's bandwidth, whichever is longer (views
+    move nothing). The CPU preset's rates are measured on this machine (``cpu_rates``)."""
+
+    def __init__(self, device: DevicePreset, mfu: float):
+        tflops, bandwidth_gbs = (device.tflops, device.bandwidth_gbs) if device.cuda else cpu_rates()
+        self.flop_rate = tflops * 1e12 * (mfu if device.cuda else 1.0)
+        self.byte_rate = bandwidth_gbs * 1e9
+
+    def op_seconds(self, func, args, kwargs, out) -> float:
+        if func.is_view:
+            return 0.0
+        moved = sum(t.nbytes for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        return OP_LAUNCH_S + max(op_flops(func, args, kwargs, out) / self.flop_rate, moved / self.byte_rate)
+
+
+@functools.cache
+def cpu_rates() -> tuple[float, float]:
+    """(TFLOP/s, GB/s) of this machine's CPU, measured once: the fastest of a few 512x512 fp32 matmuls and
+    16 MiB copies (about 0.1 s)."""
+    with unset_fake_temporarily():
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        source, target = torch.empty(4 * 2**20), torch.empty(4 * 2**20)
+        matmul = copy = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            middle = time.perf_counter()
+            target.copy_(source)
+            matmul, copy = min(matmul, middle - start), min(copy, time.perf_counter() - middle)
+    return 2 * 512**3 / matmul / 1e12, 2 * source.nbytes / copy / 1e9
+
+
+_ESTIMATED_DEVICE: contextvars.ContextVar[TimeModel | None] = contextvars.ContextVar("estimated_device", default=None)
+
+
+def modelled_op_seconds(func, args, kwargs, out) -> float | None:
+    """An op's seconds on the device being estimated (``estimate=true``), for strategies that time ops to decide
+    (selective_checkpoint); None in a real run, where they use a clock."""
+    model = _ESTIMATED_DEVICE.get()
+    return None if model is None else model.op_seconds(func, args, kwargs, out)
+
+
+@contextmanager
+def estimated_device(device: DevicePreset, mfu: float):
+    token = _ESTIMATED_DEVICE.set(TimeModel(device, mfu))
+    try:
+        yield
+    finally:
+        _ESTIMATED_DEVICE.reset(token)
+
+
+class DeviceClock(TorchDispatchMode):
+    """The seconds the estimated device would take for the ops run under it (``TimeModel``, op by op). Values read
+    off fake tensors get stand-ins, as in ``FakeStepMeter``."""
+
+    def __init__(self, device: DevicePreset, mfu: float):
+        super().__init__()
+        self.model = TimeModel(device, mfu)
+        self.elapsed = 0.0
+
+    def seconds(self) -> float:
+        return self.elapsed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.prim.device.default:
+            return func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return stand_in_scalar(args[0])
+        out = func(*args, **(kwargs or {}))
+        self.elapsed += self.model.op_seconds(func, args, kwargs, out)
+        return out
+
+
 class FakeStepMeter(LiveTensorBytes):
     """The live-tensor tracker of a step on fake tensors, which also counts the FLOPs of the ops that run
     (``flops``: torch's formulas for matmuls, convolutions, attention; not torch's ``FlopCounterMode``, whose
@@ -246,13 +368,12 @@ class FakeStepMeter(LiveTensorBytes):
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            dtype = args[0].dtype
-            return True if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1
+        if func is torch.ops.prim.device.default:  # half the calls of a step: ``tensor.device``, nothing to count
+            return func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return stand_in_scalar(args[0])
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        self.flops += op_flops(func, args, kwargs, out)
         return out
 
 
@@ -283,7 +404,8 @@ def estimate_report(cfg: DictConfig, recipe, strategies: list[Strategy], optimiz
     """What a run's ``memory_report.json`` holds, predicted (``estimated: true``), plus ``estimate``: the device,
     whether the step fits and the time model's figures."""
     sharding, world = sharding_of(cfg)
-    rows, touched, model_name = fake_steps(recipe, strategies, optimizer_factory, settings.device, sharding, world)
+    rows, touched, model_name = fake_steps(recipe, strategies, optimizer_factory, settings.device, sharding, world,
+                                           mfu=settings.mfu)
     peak = max(r["peak_bytes"] for r in rows)
     steady = rows[-1]
     step_s = predicted_time(steady, settings)
@@ -325,6 +447,7 @@ def estimate_report(cfg: DictConfig, recipe, strategies: list[Strategy], optimiz
                    "cuda_reserved_peak_bytes": None, "process_max_rss_bytes": None} for rank in range(world)],
         "estimate": {"device": settings.device_key, "processes": world, "capacity_bytes": int(settings.device.capacity_gib * GIB),
                      "reserve_bytes": int(settings.reserve_gib * GIB), "fits": peak <= usable,
+                     "steady_peak_bytes": steady["peak_bytes"],
                      "flops_per_step": steady["flops"], "created_bytes_per_step": steady["created_bytes"],
                      "mfu": settings.mfu, "tflops": settings.device.tflops,
                      "bandwidth_gbs": settings.device.bandwidth_gbs},
@@ -338,27 +461,100 @@ def key_of(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def compare_rows(settings: EstimateSettings, run_overrides: list[str], estimate_one, run_cfg: DictConfig,
-                 run_report: dict) -> list[dict]:
-    """Each ``estimate.compare`` entry (overrides on top of the run's, ``{budget}``: the device's usable memory)
-    estimated by ``estimate_one(cfg)`` (the run's own report where the entry composes the run's config); an
-    entry that cannot be estimated says why in its row."""
+def estimate_with_compare(settings: EstimateSettings, run_cfg: DictConfig, run_overrides: list[str] | None,
+                          estimate_one) -> tuple[dict, list[dict]]:
+    """The run's report (``estimate_one(run_cfg)``, in this process) and a row per ``estimate.compare`` entry
+    (overrides on top of the run's; ``{budget}``: the device's usable memory), estimated meanwhile in processes
+    forked first (``Rows``). A row that composes the run's own config is the run's report; one that cannot be
+    estimated says why; so does every row where the run's overrides are unknown (``run_overrides`` None): composed
+    from the defaults alone, a row would estimate another model."""
     from .cli import compose  # cli imports training, which imports this module
 
+    if run_overrides is None:
+        return estimate_one(run_cfg), [{"run": entry, "problem": "estimate.compare needs the run's command-line "
+                                        "overrides: run lowmem-train, or set estimate.compare=[]"}
+                                       for entry in settings.compare]
     budget = f"{settings.device.capacity_gib - settings.reserve_gib:.2f}GiB"
     base = [o for o in run_overrides if not any(key_of(o) == k or key_of(o).startswith(k + ".") for k in REPLACED)]
-    rows = []
-    for entry in settings.compare:
-        label = entry.replace("{budget}", budget)
+    rows, configs = [], []
+    for label in (entry.replace("{budget}", budget) for entry in settings.compare):
         try:
             cfg = compose([*base, *label.split(), "estimate.compare=[]"])
-            same = without_compare(cfg) == without_compare(run_cfg)
-            rows.append({"run": label, **(run_report if same else estimate_one(cfg))})
         except LowmemError as exc:
             rows.append({"run": label, "problem": str(exc)})
-        except Exception as exc:  # noqa: BLE001 -- a combination fake tensors cannot run: its row says so
-            rows.append({"run": label, "problem": f"{type(exc).__name__}: {one_line(exc)}"})
-    return rows
+            continue
+        known = [run_cfg, *configs]
+        same = next((i for i, c in enumerate(known) if without_compare(c) == without_compare(cfg)), None)
+        rows.append({"run": label, "config": len(known) if same is None else same})
+        configs += [cfg] if same is None else []
+    # auto's rows first: measuring its menu makes them the longest, and the rows finish together
+    order = sorted(range(len(configs)), key=lambda i: not plans(configs[i]))
+    with Rows(functools.partial(compare_row, estimate_one), [configs[i] for i in order]) as pending:
+        report = estimate_one(run_cfg)
+        done = dict(zip(order, pending.results()))
+        reports = [report, *(done[i] for i in range(len(configs)))]
+    for row in rows:
+        if "config" in row:
+            row.update(reports[row.pop("config")])
+    return report, rows
+
+
+def plans(cfg: DictConfig) -> bool:
+    """Whether the run's strategies include ``auto`` (``memory_budget=`` or ``strategy=auto``)."""
+    return cfg.get("memory_budget") is not None or "auto" in str(cfg.get("strategy"))
+
+
+def compare_row(estimate_one, cfg: DictConfig) -> dict:
+    """``estimate_one(cfg)`` with its printing (auto's plan) held back, or the row's ``problem``."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return estimate_one(cfg)
+    except LowmemError as exc:
+        return {"problem": str(exc)}
+    except Exception as exc:  # noqa: BLE001 -- a combination fake tensors cannot run: its row says so
+        return {"problem": f"{type(exc).__name__}: {one_line(exc)}"}
+
+
+class Rows:
+    """``task`` over ``items`` in processes forked on entering, one per core (each estimate is single-threaded
+    Python dispatch), while this process goes on; ``results()`` waits for them. They are forked before this
+    process runs a backward, as torch refuses autograd in a child forked after one; where one ran here already
+    (a test session), a child hands its item back and this process does it. So does this process where there
+    is one core or no ``fork``."""
+
+    def __init__(self, task, items: list):
+        self.task, self.items = task, items
+        self.pool = self.pending = None
+
+    def __enter__(self) -> Rows:
+        global _ROWS
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if len(self.items) and cores > 1 and "fork" in multiprocessing.get_all_start_methods():
+            _ROWS = self  # what the forked children read (nothing is pickled to them)
+            self.pool = multiprocessing.get_context("fork").Pool(min(cores, len(self.items)))
+            self.pending = self.pool.map_async(_forked_row, range(len(self.items)), chunksize=1)
+        return self
+
+    def results(self) -> list:
+        done = self.pending.get() if self.pending is not None else [None] * len(self.items)
+        return [self.task(item) if result is None else result for item, result in zip(self.items, done)]
+
+    def __exit__(self, *exc) -> None:
+        global _ROWS
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        _ROWS = None
+
+
+_ROWS: Rows | None = None
+
+
+def _forked_row(index: int) -> dict | None:
+    row = _ROWS.task(_ROWS.items[index])
+    if "autograd's threading in combination with fork" in row.get("problem", ""):
+        return None  # the parent had run a backward before forking: it does this row itself
+    return row
 
 
 def without_compare(cfg: DictConfig) -> dict:
@@ -367,9 +563,9 @@ def without_compare(cfg: DictConfig) -> dict:
     return config
 
 
-def run_overrides() -> list[str]:
-    """The command line's overrides of this run (none outside a Hydra app)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+def run_overrides() -> list[str] | None:
+    """The command line's overrides of this run; None outside a Hydra app (a config composed in Python)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def format_estimate(report: dict, rows: list[dict], settings: EstimateSettings) -> str:
@@ -406,10 +602,11 @@ def fits(row: dict) -> str:
     return "yes" if estimate["fits"] else f"no, {over / GIB:.2f} GiB over"
 
 
-def write_estimate(report: dict, rows: list[dict], run_dir: Path) -> None:
+def write_estimate(report: dict, rows: list[dict], run_dir: Path, strategy_files: list[str]) -> None:
+    """memory_report.json, with the comparison rows; ``strategy_files``: the run's strategies' own files, written
+    beside it (auto's plan.json, which a real run reuses with ``strategy.auto.plan=``)."""
     report["compare"] = [{k: v for k, v in row.items() if k in ("run", "problem", "peak_bytes", "tokens_per_s",
                                                                    "estimate")} for row in rows]
     report["run_dir"] = str(run_dir)
-    report["files"] = ["memory_report.json"]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    report["files"] = ["memory_report.json", *strategy_files]
     write_report(report, run_dir)

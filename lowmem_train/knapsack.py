@@ -4,10 +4,21 @@ operator's output; 1, 2, 4 or 8 bits for a tensor class; a strategy per block), 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+
+def on_real_tensors(solver):
+    """Run ``solver``'s tables as real tensors, also where a model is planned on fake ones (``estimate=true``)."""
+    @functools.wraps(solver)
+    def run(*args, **kwargs):
+        with unset_fake_temporarily():
+            return solver(*args, **kwargs)
+    return run
 
 
 def in_units(costs: Sequence[Sequence[float]], budget: float, resolution: int = 4096) -> tuple[list[list[int]], int]:
@@ -17,6 +28,7 @@ def in_units(costs: Sequence[Sequence[float]], budget: float, resolution: int = 
     return [[math.ceil(c / unit - 1e-9) for c in item] for item in costs], resolution if budget > 0 else 0
 
 
+@on_real_tensors
 def choose_one_each(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], budget: int) -> list[int] | None:
     """For each item the index of one option, so that the summed integer cost is <= ``budget`` and the summed
     loss is least (dynamic programming, O(items x options x budget)); None when no choice fits."""
@@ -41,6 +53,7 @@ def choose_one_each(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[fl
     return choice[::-1]
 
 
+@on_real_tensors
 def choose_along_chain(costs: Sequence[Sequence[int]], pair_costs: Sequence[Sequence[Sequence[int]]],
                        losses: Sequence[Sequence[float]], budget: int) -> list[int] | None:
     """``choose_one_each`` for items in a chain whose neighbours share a cost (a tensor at the border of two

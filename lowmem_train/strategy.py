@@ -65,11 +65,13 @@ class NoOptions:
 class ExampleBatch:
     """The run's first training batch, already on the run's device, as a strategy may use it for measuring:
     ``loss(model)`` is the recipe's mean training loss of the batch through ``model`` (the model or a copy);
-    ``build_optimizer`` is the run's optimizer factory (parameters -> optimizer)."""
+    ``build_optimizer`` is the run's optimizer factory (parameters -> optimizer); ``clock``: seconds on the
+    device so far, where not the wall clock (``estimate=true``: a time model of fake tensors' work)."""
 
     loss: Callable[[nn.Module], torch.Tensor]
     build_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
     device: torch.device
+    clock: Callable[[], float] | None = None
 
 
 class Strategy:

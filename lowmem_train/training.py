@@ -18,7 +18,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import lightning as L
@@ -461,22 +461,25 @@ def run_report(module: TrainingModule, touched, monitor: MemoryMonitor, validati
     }
 
 
-def write_strategy_files(strategies: list[Strategy], run_dir: Path) -> list[str]:
-    """The strategies' own files (a plan to reuse), written before training so a crashed run keeps them too."""
-    names = []
-    for name, content in ((n, c) for s in strategies for n, c in s.files().items()):
+def strategy_files(strategies: list[Strategy]) -> dict[str, Any]:
+    """The strategies' own files (a plan to reuse), by name."""
+    return {name: content for s in strategies for name, content in s.files().items()}
+
+
+def write_files(files: dict[str, Any], run_dir: Path) -> list[str]:
+    """``strategy_files`` as JSON into ``run_dir`` (before training, so a crashed run keeps them too)."""
+    for name, content in files.items():
         (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-        names.append(name)
-    return names
+    return list(files)
 
 
-def write_run_files(report: dict, run_dir: Path, strategy_files: list[str], touched, monitor: MemoryMonitor) -> None:
+def write_run_files(report: dict, run_dir: Path, files: list[str], touched, monitor: MemoryMonitor) -> None:
     """strategies.json, the plot and memory_report.json (whose ``files`` lists them and the strategies' own)."""
     (run_dir / "strategies.json").write_text(json.dumps(
         {name: [{**asdict(t), "phase": t.phase.name if t.phase else None} for t in plan]
          for name, plan in touched.items()}, indent=2) + "\n")
     plot = plot_curve(monitor.rows, run_dir, f"{report['recipe']}, strategy={'+'.join(report['strategies'])}")
-    report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json", *strategy_files]
+    report["files"] = ["memory.csv", "memory_report.json", plot.name, "strategies.json", *files]
     if len(report["ranks"]) > 1:
         report["files"].append(write_ranks(report["ranks"], run_dir).name)
     if (run_dir / "checkpoints" / "last.ckpt").exists():
@@ -500,11 +503,13 @@ def estimate_run(cfg: DictConfig) -> dict:
                               "or float32")
         optimizer_factory = keep_low_precision_updates(instantiate_choice(run_cfg, "optimizer"),
                                                        run_settings.low_precision_updates, run_settings.seed)
-        return estimate.estimate_report(run_cfg, recipe, strategies, optimizer_factory, settings)
+        report = estimate.estimate_report(run_cfg, recipe, strategies, optimizer_factory, settings)
+        return {**report, "strategy_files": strategy_files(strategies)}  # auto's plan.json goes with the estimate
 
-    report = estimate_one(cfg)
-    rows = estimate.compare_rows(settings, estimate.run_overrides(), estimate_one, cfg, report)
-    estimate.write_estimate(report, rows, Path(cfg.run_dir))
+    report, rows = estimate.estimate_with_compare(settings, cfg, estimate.run_overrides(), estimate_one)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    estimate.write_estimate(report, rows, run_dir, write_files(report.pop("strategy_files"), run_dir))
     print(estimate.format_estimate(report, rows, settings))
     return report
 
@@ -557,7 +562,7 @@ def train(cfg: DictConfig) -> dict | None:
         if note:
             print(note)
     run_dir.mkdir(parents=True, exist_ok=True)
-    strategy_files = write_strategy_files(strategies, run_dir) if rank_zero_only.rank == 0 else []
+    files = write_files(strategy_files(strategies), run_dir) if rank_zero_only.rank == 0 else []
     monitor = MemoryMonitor(run_dir)
     callbacks = [monitor] + [c for s in strategies for c in s.callbacks()] + [run_control]
     prompts = list(cfg.data.get("sample_prompts") or [])
@@ -583,7 +588,7 @@ def train(cfg: DictConfig) -> dict | None:
             report["samples"] = sampled
         if stopped is None:  # a stopped run resumes from its checkpoint; its model is not the result yet
             export_at_end(recipe, module.model, strategies, run_dir)
-        write_run_files(report, run_dir, strategy_files, touched, monitor)
+        write_run_files(report, run_dir, files, touched, monitor)
         if len(ranks) > 1:
             logger.log_metrics({f"rank{r['rank']}/{key}": value for r in ranks for key, value in r.items()
                                 if key != "rank" and value is not None}, step=trainer.global_step)

@@ -212,7 +212,8 @@ def measure(config: Config, args, run_dir: Path, log_path: Path, max_time_s: flo
 
 
 def predict(row: Row, settings: list[str], run_dir: Path) -> None:
-    """The configuration's estimated peak (``estimate=true`` on this device's preset) into ``row``."""
+    """The configuration's estimated peak of a step after the first (``estimate=true`` on this device's preset;
+    the first step also holds what strategies measure before deciding) into ``row``."""
     if torch.cuda.is_available():
         preset = preset_of(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory)
     else:
@@ -223,7 +224,7 @@ def predict(row: Row, settings: list[str], run_dir: Path) -> None:
     try:
         cfg = compose([*settings, "estimate.enabled=true", f"estimate.device={preset}", "estimate.compare=[]"])
         cfg.run_dir = str(run_dir)
-        row.predicted_peak = train(cfg)["peak_bytes"]
+        row.predicted_peak = train(cfg)["estimate"]["steady_peak_bytes"]  # the timed steps are past the first
     except LowmemError as exc:
         row.predicted = one_line(exc)
     except Exception as exc:  # noqa: BLE001 - the benchmark's measurement still runs

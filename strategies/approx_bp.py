@@ -576,6 +576,10 @@ class ApproxBP(Strategy):
         self._planned = (weakref.ref(model), conversions)
         return touches
 
+    def estimate_problem(self) -> str | None:
+        return ("it recognises norms by running them on sample values and traces where their outputs go with a forward, "
+                "which a model without weights cannot answer")
+
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if self._planned is None or self._planned[0]() is not model:
             self.plan(model)

@@ -4,11 +4,13 @@ step time.
 Units, in forward order: each repeated block, each run of the modules between blocks (the stem, a head, a
 stage of a single block), and ``top``: the root's own operations (the loss). On the run's first batch, for
 each mechanism of the menu (keep, selective recompute, full recompute, offload on CUDA; with ``allow_lossy``
-compress at 8/4/2 bits and approx_bp), a copy of the model gets that mechanism on every unit it applies to and
-runs training steps: what each unit saves for backward (counted like ``SavedBytesMeter``, by the module that
-saves it), the step time, and for lossy mechanisms the whole-gradient cosine to plain backprop. A unit's extra
-time is the step's extra time shared among the units in proportion to their plain forward time (recomputing
-mechanisms) or to their plain saved bytes (encoding and offloading ones).
+compress at 8/4/2 bits and approx_bp), a copy of the model's modules (sharing its parameters and buffers, so no
+second copy of the weights) gets that mechanism on every unit it applies to and runs training steps: what each
+unit saves for backward (counted like ``SavedBytesMeter``, by the module that saves it), the step time, and for
+lossy mechanisms the whole-gradient cosine to plain backprop. A unit's extra time is the step's extra time shared
+among the units in proportion to their plain forward time (recomputing mechanisms) or to their plain saved bytes
+(encoding and offloading ones). Under ``estimate=true`` the model is fake and the step time is the device
+preset's time model (``ExampleBatch.clock``).
 
 A tensor at the border of two units (block i's output is block i+1's input) is stored once if either unit
 keeps it, so the solver is a dynamic program along the chain of units (state: bytes used, the previous unit's
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import logging
 import math
@@ -30,21 +33,24 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from lowmem_train import SavedBytesMeter, Strategy, StrategyError, Touch, get_strategy_class, repeated_blocks
 from lowmem_train.memory import GIB, frozen_weight_bytes, optimizer_state_bytes, tensor_bytes
 from lowmem_train.module_scope import module_scope
-from lowmem_train.saved_tensors import iter_tensors, storages
+from lowmem_train.saved_tensors import iter_tensors, storage_key, storages
 from lowmem_train.knapsack import choose_along_chain, in_units
 from lowmem_train.strategy import apply_built
 from lowmem_train.targets import exact_name, is_block, under
 
+log = logging.getLogger(__name__)
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
 _UNIT_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -113,11 +119,13 @@ class Choice:
     exact: bool = True
     recomputes: bool = False  # runs modules again in backward (only composite ones: blocks, stages)
     cuda_only: bool = False
+    decides_first: bool = False  # measures the model in its first training step and decides (selective)
 
 
 MENU = (
     Choice("keep"),
-    Choice("selective", "selective_checkpoint", (("memory_budget", 0.5), ("per_block", True)), recomputes=True),
+    Choice("selective", "selective_checkpoint", (("memory_budget", 0.5), ("per_block", True)), recomputes=True,
+           decides_first=True),
     Choice("checkpoint", "checkpoint", recomputes=True),
     Choice("offload", "offload", cuda_only=True),
     Choice("compress8", "compress", (("bits", 8),), exact=False),
@@ -178,9 +186,15 @@ def find_units(model: nn.Module, example) -> list[Unit]:
     return units + [Unit(TOP, "root ops, loss", [], [])]
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: a mechanism applied to the copy
+    leaves the model as it was, and measuring it holds no second copy of the weights."""
+    return copy.deepcopy(model, {id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+
+
 def call_order(model: nn.Module, names: list[str], example) -> list[str]:
     """``names`` in the order a no-grad forward of ``example`` (on a copy) first calls them; uncalled ones left out."""
-    copied = copy.deepcopy(model).to(example.device)
+    copied = shared_copy(model)
     called: dict[str, None] = {}
     for name in names:
         copied.get_submodule(name).register_forward_pre_hook(functools.partial(_note_call, called, name))
@@ -221,7 +235,7 @@ class SaveRecorder(SavedBytesMeter):
         unit = self.unit_of(self.scope.current())
         for tensor, storage in self.kept_storages(packed):
             if tensor.device == self.device:  # not offloaded
-                entry = self.saves.setdefault(storage.data_ptr(), [storage.nbytes(), [], self._producer(storage)])
+                entry = self.saves.setdefault(storage_key(storage), [storage.nbytes(), [], self._producer(storage)])
                 if unit not in entry[1]:
                     entry[1].append(unit)
 
@@ -240,7 +254,7 @@ class SaveRecorder(SavedBytesMeter):
         super().__exit__(*exc)
 
     def _producer(self, storage) -> int | None:
-        found = self._outputs.get(storage.data_ptr())
+        found = self._outputs.get(storage_key(storage))
         return None if found is None or found[1].expired() else found[0]
 
     def _note_output(self, index: int, module, args, output) -> None:
@@ -251,10 +265,11 @@ class SaveRecorder(SavedBytesMeter):
         self._last[index] = set()
         for tensor in iter_tensors(output):
             for storage in storages(tensor):
-                self._outputs[storage.data_ptr()] = (index, StorageWeakRef(storage))
-                self._last[index].add(storage.data_ptr())
-                if storage.data_ptr() in self.saves:  # saved inside the unit before it returned (a ReLU's output)
-                    self.saves[storage.data_ptr()][2] = index
+                key = storage_key(storage)
+                self._outputs[key] = (index, StorageWeakRef(storage))
+                self._last[index].add(key)
+                if key in self.saves:  # saved inside the unit before it returned (a ReLU's output)
+                    self.saves[key][2] = index
 
 
 @dataclass
@@ -301,10 +316,12 @@ class Measured:
 
 def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeats: int,
             keep_grads: bool = False) -> Measured | None:
-    """A copy of ``model`` with ``choice`` on its units runs 1 + ``repeats`` training steps on the example
-    batch (the first one lets a mechanism decide, e.g. selective recompute), each on the same random stream;
-    ``keep_grads``: keep a CPU copy of the last gradient (for cosines). None when the mechanism applies to no unit."""
-    copied = copy.deepcopy(model).to(example.device)
+    """A copy of ``model`` (``shared_copy``) with ``choice`` on its units runs 1 + ``repeats`` training steps on
+    the example batch (the first one lets a mechanism decide, e.g. selective recompute; on an example's time
+    model, one step after the deciding one), each on the same random stream; ``keep_grads``: keep a CPU copy of
+    the last gradient (for cosines). None when the mechanism applies to no unit. The model's gradients are None
+    again afterwards."""
+    copied = shared_copy(model)
     available = [True] * len(units)
     if choice.strategy is not None:
         targets = [m for unit in units for m in targets_of(choice, unit)]
@@ -317,10 +334,12 @@ def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeat
         if not any(available):
             return None
     seconds, forward_s = [], None
-    for attempt in range(1 + repeats):
-        timer = _BlockTimer(copied, units, example.device) if choice.strategy is None and attempt == 0 else None
+    clocked = example.clock is not None  # a time model gives one answer, and needs no warm-up
+    warmup, timed = (int(choice.decides_first), 1) if clocked else (1, repeats)
+    for attempt in range(warmup + timed):
+        timer = _BlockTimer(copied, units, clock_of(example)) if choice.strategy is None and attempt == 0 else None
         recorder, elapsed, peak = _step(copied, units, example, timer)
-        if attempt:
+        if attempt >= warmup:
             seconds.append(elapsed)
         if timer is not None:
             forward_s = timer.seconds
@@ -331,6 +350,7 @@ def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeat
         result.fixed = _fixed_bytes(copied, example)
         saved = sum(entry[0] for entry in recorder.saves.values())
         result.fixed["step_temporaries"] = max(peak - saved - result.fixed["gradients"], 0)
+    copied.zero_grad(set_to_none=True)
     del copied
     if example.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -338,8 +358,9 @@ def measure(model: nn.Module, units: list[Unit], choice: Choice, example, repeat
 
 
 def _step(model: nn.Module, units: list[Unit], example, timer) -> tuple[SaveRecorder, float, int]:
-    """One forward (recorded) + backward from the same random state: the recorder, its wall time and, on
-    CUDA, the peak allocated bytes above what was allocated before it (0 elsewhere: no allocator peak)."""
+    """One forward (recorded) + backward from the same random state: the recorder, its time on the example's
+    clock and, on CUDA, the peak allocated bytes above what was allocated before it (0 elsewhere: no allocator
+    peak)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     cuda = example.device.type == "cuda"
@@ -347,7 +368,8 @@ def _step(model: nn.Module, units: list[Unit], example, timer) -> tuple[SaveReco
         torch.cuda.synchronize(example.device)
         torch.cuda.reset_peak_memory_stats(example.device)
         before = torch.cuda.memory_allocated(example.device)
-    start = time.perf_counter()
+    clock = clock_of(example)
+    start = clock()
     with SaveRecorder(model, units, example.device) as recorder:
         if timer is not None:
             timer.start()
@@ -355,21 +377,25 @@ def _step(model: nn.Module, units: list[Unit], example, timer) -> tuple[SaveReco
         if timer is not None:
             timer.stop()
     loss.backward()
-    _synchronize(example.device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     return recorder, elapsed, torch.cuda.max_memory_allocated(example.device) - before if cuda else 0
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def clock_of(example) -> Callable[[], float]:
+    """Seconds on the example's device: its own clock (an estimate's time model) or the wall clock after the
+    device's queued work."""
+    if example.clock is not None:
+        return example.clock
+    if example.device.type != "cuda":
+        return time.perf_counter
+    return lambda: (torch.cuda.synchronize(example.device), time.perf_counter())[1]
 
 
 class _BlockTimer:
     """Forward wall time per unit (top: the whole forward minus the units), from hooks on the units' modules."""
 
-    def __init__(self, model: nn.Module, units: list[Unit], device: torch.device):
-        self.device = device
+    def __init__(self, model: nn.Module, units: list[Unit], clock: Callable[[], float]):
+        self._now = clock
         self.modules = [(index, model.get_submodule(name)) for index, unit in enumerate(units) for name in unit.modules]
         self.seconds = [0.0] * len(units)
         self._handles, self._begin = [], {}
@@ -384,10 +410,6 @@ class _BlockTimer:
         self.seconds[-1] = max(self._now() - self._whole - sum(self.seconds[:-1]), 0.0)
         for handle in self._handles:
             handle.remove()
-
-    def _now(self) -> float:
-        _synchronize(self.device)
-        return time.perf_counter()
 
     def _begin_call(self, index: int, module, args) -> None:
         # a module of a unit may call another one of it (a loss head calling the output layer): outermost counts
@@ -406,12 +428,32 @@ def _fixed_bytes(model: nn.Module, example) -> dict[str, int]:
     """Bytes every plan holds besides activations, from the plain copy after its backward: weights, gradients,
     and the optimizer state after one step of the run's optimizer."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fixed = {"weights": tensor_bytes(trainable) + frozen_weight_bytes(model) + tensor_bytes(model.buffers()),
-             "gradients": tensor_bytes(p.grad for p in trainable if p.grad is not None)}
-    optimizer = example.build_optimizer(trainable)
+    return {"weights": tensor_bytes(trainable) + frozen_weight_bytes(model) + tensor_bytes(model.buffers()),
+            "gradients": tensor_bytes(p.grad for p in trainable if p.grad is not None),
+            "optimizer_state": first_step_state_bytes(trainable, example.build_optimizer)}
+
+
+def first_step_state_bytes(trainable: list[nn.Parameter], build_optimizer) -> int:
+    """The state the run's optimizer creates in its first step, stepped on stand-ins of the parameters (never
+    the model's own): fake tensors (no memory), or real ones where the optimizer cannot step fake tensors (a
+    compiled or CUDA-kernel step)."""
+    fake = detect_fake_mode(trainable)
+    try:
+        with fake or FakeTensorMode(allow_non_fake_inputs=True):
+            return _state_bytes_after_a_step(trainable, build_optimizer)
+    except Exception:  # noqa: BLE001 -- a step fake tensors cannot run: real stand-ins
+        if fake is not None:
+            raise
+    return _state_bytes_after_a_step(trainable, build_optimizer)
+
+
+def _state_bytes_after_a_step(trainable: list[nn.Parameter], build_optimizer) -> int:
+    stand_ins = [nn.Parameter(torch.empty_like(p)) for p in trainable]
+    for stand_in in stand_ins:
+        stand_in.grad = torch.zeros_like(stand_in)
+    optimizer = build_optimizer(stand_ins)
     optimizer.step()
-    fixed["optimizer_state"] = optimizer_state_bytes(optimizer)
-    return fixed
+    return optimizer_state_bytes(optimizer)
 
 
 def grad_cosine(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -527,10 +569,10 @@ class Plan:
 def make_plan(model: nn.Module, options: AutoOptions, example) -> Plan:
     """Measure the menu on ``example`` and solve for ``options.memory_budget``; StrategyError when it cannot fit."""
     table, keep = profile(model, options, example)
-    return choose(table, keep, options, example.device)
+    return choose(table, keep, options, example.device if example.clock is None else "fake tensors (estimate=true)")
 
 
-def choose(table: CostTable, keep: Measured, options: AutoOptions, device: torch.device) -> Plan:
+def choose(table: CostTable, keep: Measured, options: AutoOptions, device: torch.device | str) -> Plan:
     """The least-time plan within ``options.memory_budget`` on measured costs; StrategyError when none fits."""
     value, absolute = budget_bytes(options.memory_budget)
     fixed = keep.fixed if absolute else {}
@@ -556,8 +598,11 @@ def choose(table: CostTable, keep: Measured, options: AutoOptions, device: torch
 
 def profile(model: nn.Module, options: AutoOptions, example) -> tuple[CostTable, Measured]:
     """The units, and every allowed mechanism measured on ``example``, as a cost table (and the plain run).
-    Runs on a forked random stream, with the mechanisms' own log lines about the copies silenced."""
+    Runs on a forked random stream, with the mechanisms' own log lines about the copies silenced; moves the
+    model to the example's device first (its copies share its weights there)."""
     measured = {}
+    if any(t.device != example.device for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(example.device)
     devices = [example.device.index or 0] if example.device.type == "cuda" else []
     quiet = logging.getLogger("lowmem_train.strategies")
     level = quiet.level
@@ -617,7 +662,7 @@ def cannot_fit(options: AutoOptions, table: CostTable, fixed: dict[str, int], te
 
 
 def describe(options: AutoOptions, table: CostTable, keep: Measured, choice: list[str], fixed: dict[str, int],
-             budget: float, absolute: bool, device: torch.device) -> Plan:
+             budget: float, absolute: bool, device: torch.device | str) -> Plan:
     """The plan record: per unit its choice, its saved bytes (own + the border before it) and extra time."""
     units = []
     for i, (unit, label) in enumerate(zip(table.units, choice)):
@@ -689,7 +734,7 @@ class Auto(Strategy):
         super().__init__(options)
         self.result: Plan | None = None
         self.mechanisms: list[Strategy] = []
-        self.measured = MeasuredActivations()
+        self.measured = MeasuredActivations(self)
 
     def plan(self, model: nn.Module) -> list[Touch]:
         if self.result is None:
@@ -711,6 +756,11 @@ class Auto(Strategy):
                                  key=lambda s: s.order)
         apply_built(model, self.mechanisms)
 
+    def estimate_problem(self) -> str | None:
+        if self.options.allow_lossy and not self.options.plan:
+            return "allow_lossy=true measures gradient cosines, which need real weights and data"
+        return None  # tests/test_estimate.py checks its fake step against a real one
+
     def callbacks(self) -> list:
         return [self.measured] + [c for m in self.mechanisms for c in m.callbacks()]
 
@@ -726,10 +776,20 @@ class Auto(Strategy):
 
 
 class MeasuredActivations(L.Callback):
-    """The largest saved-activation bytes of a training step, next to the plan's prediction in the report."""
+    """The largest saved-activation bytes of a training step, next to the plan's prediction in the report; one
+    line at the end of training where they missed it by more than 5%."""
 
-    def __init__(self):
+    def __init__(self, strategy: Auto):
+        self.strategy = strategy
         self.activation_bytes = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.activation_bytes = max(self.activation_bytes, pl_module.activation_bytes)
+
+    def on_train_end(self, trainer, pl_module):
+        plan = self.strategy.result
+        predicted = plan.predicted["activation_bytes"] if plan is not None else 0
+        if predicted and self.activation_bytes > 1.05 * predicted:
+            log.warning("strategy 'auto': the run saved %.4g GiB of activations for backward, %.0f%% over the "
+                        "%.4g GiB its plan (memory_budget=%s) predicted", self.activation_bytes / GIB,
+                        100 * (self.activation_bytes / predicted - 1), predicted / GIB, plan.memory_budget)

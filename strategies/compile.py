@@ -126,6 +126,9 @@ class Compile(Strategy):
                                  default=repeated_blocks, what="repeated blocks")
         return [Touch(name, type(module).__name__, action) for name, module in outermost(regions)]
 
+    def estimate_problem(self) -> str | None:
+        return "the kernels torch.compile generates decide what they save and hold; fake tensors run the eager model"
+
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if self.options.cache_dir:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(self.options.cache_dir).resolve())

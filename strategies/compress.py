@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -56,6 +57,7 @@ from lowmem_train.saved_tensors import (
     memory_key,
     memory_perm,
     saved_tensor_stages,
+    storage_key,
 )
 from lowmem_train.targets import subtree_scope
 from lowmem_train.undisturbed import cuda_devices, undisturbed
@@ -348,8 +350,8 @@ class CompressStage:
 
     def begin_forward(self, model: nn.Module, args, kwargs) -> None:
         self._clear()
-        self._buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
-        self._inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_flatten((args, kwargs))[0]
+        self._buffers = {storage_key(b.untyped_storage()) for b in model.buffers()}
+        self._inputs = {storage_key(leaf.untyped_storage()) for leaf in tree_flatten((args, kwargs))[0]
                         if isinstance(leaf, Tensor)}
         self._in_forward = True
         self._attention_mode = _FusedAttentionCalls(self)
@@ -380,7 +382,7 @@ class CompressStage:
 
     def note_derivative(self, tensor: Tensor) -> None:
         """``tensor`` is an activation's derivative saved for backward: quantised although it needs no grad."""
-        self._derivatives.add(tensor.untyped_storage().data_ptr())
+        self._derivatives.add(storage_key(tensor.untyped_storage()))
 
     # --- pack / unpack
 
@@ -388,7 +390,7 @@ class CompressStage:
         if not isinstance(value, Tensor) or not value.is_floating_point() or value.layout != torch.strided \
                 or value.numel() < self.options.min_numel:
             return value
-        if value.untyped_storage().data_ptr() in self._buffers:
+        if storage_key(value.untyped_storage()) in self._buffers:
             return value
         if any(stride == 0 and size > 1 for stride, size in zip(value.stride(), value.shape)):
             return value  # broadcast: a quantised copy would be bigger than the tensor's storage
@@ -440,8 +442,7 @@ def backward_constant(value: Tensor, quantized_anyway: set[int]) -> bool:
     """
     if value.grad_fn is not None and value.grad_fn.name() in _LOG_DOMAIN_OPS:
         return True
-    storage = value.untyped_storage().data_ptr()
-    return not value.requires_grad and storage not in quantized_anyway
+    return not value.requires_grad and storage_key(value.untyped_storage()) not in quantized_anyway
 
 
 def row_statistics(value: Tensor, per_channel: bool):
@@ -474,9 +475,13 @@ class GroupCodec:
         """``flat`` at ``bits``; ``mask``: the packed mask it is zero outside of (a ReLU's), if any."""
         n = flat.numel()
         if mask is not None:
+            if isinstance(flat, FakeTensor):
+                raise StrategyError("strategy 'compress': estimate=true cannot size what it keeps of a ReLU's or "
+                                    "dropout's output: that is its nonzero values, which fake tensors do not have")
             values = flat[unpack_mask(mask, n)]
             return ("bitmap", n, mask, self._quantize(values, bits, slot, slot_class, probe))
-        nonzero = int(torch.count_nonzero(flat))
+        # estimate=true cannot know a tensor's zeros: counted dense (an upper bound where a real one is sparse)
+        nonzero = n if isinstance(flat, FakeTensor) else int(torch.count_nonzero(flat))
         dense, sparse_values = self.nbytes(n, bits, flat.element_size()), self.nbytes(nonzero, bits, flat.element_size())
         bitmap = -(-n // 8) + sparse_values
         index = (4 if n < 2**31 else 8) * nonzero + sparse_values
@@ -997,6 +1002,11 @@ class Compress(Strategy):
     def _scopes(self, model: nn.Module) -> dict[str, Scope]:
         in_scope = subtree_scope(model, strategy=self.name, targets=self.options.targets, exclude=self.options.exclude)
         return module_scopes(model, self.options.layers, in_scope)
+
+    def estimate_problem(self) -> str | None:
+        if self.options.adaptive:
+            return "adaptive=true sets each tensor's bits from gradients measured on real data"
+        return None  # tests/test_estimate.py checks its fake step against a real one
 
     def saved_tensor_stage(self) -> CompressStage:
         return self.stage

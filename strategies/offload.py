@@ -67,6 +67,10 @@ class Offload(Strategy):
             action += f", except under {', '.join(scope.excluded)}"
         return [Touch(root, type(model.get_submodule(root)).__name__, action) for root in scope.roots]
 
+    def estimate_problem(self) -> str | None:
+        return ("on a GPU it moves saved tensors to host memory; the estimate counts one device's tensors and does not "
+                "split them yet")
+
     def apply(self, model: nn.Module, plan: list[Touch]) -> None:
         if not torch.cuda.is_available():
             log.warning("offload: no CUDA device, saved activations already live in host memory; offload is a no-op")

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowmem_train import Strategy, StrategyError, Touch, repeated_blocks, select_modules
@@ -76,6 +77,9 @@ class Reversible(Strategy):
     def __init__(self, options=None):
         super().__init__(options)
         self.stacks: dict[str, _Stack] = {}  # by first block
+
+    def estimate_problem(self) -> str | None:
+        return None  # tests/test_estimate.py checks its fake step against a real one (the rebuild assumed to hold)
 
     def report(self) -> dict:
         """Whether each stack still rebuilds its activations: one whose drift check failed (bf16 or fp16
@@ -305,6 +309,8 @@ class _Coupling(torch.autograd.Function):
         grad_x2 = grad_y1 + x2.grad if x2.grad is not None else grad_y1
         with torch.no_grad():
             x1, x2 = y2 - f.detach(), x2.detach()
+        if truth and isinstance(x1, FakeTensor):
+            truth = None  # estimate=true: fake tensors hold no values to compare; the estimate assumes the rebuild holds
         if truth:
             error = max(((rebuilt - true).abs().max() / true.abs().max().clamp_min(1e-12)).item()
                         for rebuilt, true in zip((x1, x2), truth))

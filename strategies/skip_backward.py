@@ -168,6 +168,9 @@ class SkipBackward(Strategy):
         super().__init__(options)
         self.state = SkipState(self.options)
 
+    def estimate_problem(self) -> str | None:
+        return "it back-propagates the samples it picks by their loss, which fake tensors do not have"
+
     def callbacks(self) -> list:
         return [AdaptThreshold(self.state)]
 

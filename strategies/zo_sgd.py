@@ -204,6 +204,9 @@ class ZOSGD(Strategy):
                       f"({sum(p.numel() for p in chosen):,} values), {2 * self.options.n_perturbations} "
                       "forwards per step")]
 
+    def estimate_problem(self) -> str | None:
+        return "its forward-only step is not modelled on fake tensors yet"
+
     def apply(self, model, plan):
         o = self.options
         self.spsa = SPSA(model, eps=o.eps, n_perturbations=o.n_perturbations, parameters=o.parameters, seed=o.seed)
