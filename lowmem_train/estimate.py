@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensor, FakeTensorMode,
+                                          unset_fake_temporarily)
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -42,6 +43,7 @@ from .errors import ConfigError, LowmemError, one_line
 from .live_memory import LiveTensorBytes
 from .memory import (GIB, accounted_bytes, compiled_step, frozen_weight_bytes, gradient_bytes, held_bytes, resident_tensors,
                      write_report)
+from .optimizers import compiled_steps_as_in_place_updates
 from .sharding import FSDP2, shard_model
 from .strategy import ExampleBatch, Strategy, apply_built, give_example
 
@@ -215,7 +217,7 @@ def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: De
         model = recipe.build_untrained_model()
         touched = apply_built(model, strategies[:measuring])
     with fake_process_group(world) as mesh, EstimateFakeMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
-            eager_model_paths(), estimated_device(device, mfu):
+            eager_model_paths(), estimated_device(device, mfu), contextlib.ExitStack() as stack:
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no trainer: the module's logging is a no-op
         fake_state(model)
         if measuring < len(strategies):  # auto: it measures its menu on the fake model, timed by the device preset
@@ -225,10 +227,14 @@ def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: De
                         reshard_after_forward=sharding.reshard_after_forward)
         module = TrainingModule(recipe, model, strategies, optimizer_factory)
         module.model.train()
-        optimizer = module.configure_optimizers()
+        try:
+            optimizer = module.configure_optimizers()
+        except DataDependentOutputException:
+            raise ConfigError("estimate=true: the optimizer computes from tensor values while it is built (bitsandbytes' "
+                              "quantization maps), which fake tensors do not have; estimate 8-bit AdamW with "
+                              "optimizer.backend=torchao (the same 8-bit states)") from None
         if compiled_step(optimizer):
-            raise ConfigError("estimate=true: the optimizer's step is torch.compile'd (torchao's adamw8bit/adamw4bit), "
-                              "which cannot run on fake tensors under the estimate's meters")
+            stack.enter_context(compiled_steps_as_in_place_updates(optimizer_factory))
         frozen_param_bytes = frozen_weight_bytes(model)
         batch = recipe.shape_batch()
         rows = []

@@ -10,11 +10,14 @@ so ``lowmem_train.memory.optimizer_state_bytes`` counts it and Lightning checkpo
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import unittest.mock
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .errors import ConfigError
 
@@ -72,6 +75,30 @@ def compiled_step_optimizer(cls: type):
         return optimizer
 
     return build
+
+
+@contextlib.contextmanager
+def compiled_steps_as_in_place_updates(build_optimizer):
+    """Inside: a torch.compile'd optimizer step (torchao's quantized AdamW) runs eagerly as what its one fused
+    kernel per parameter does to memory, the parameter written in place and no temporaries, so it can step fake
+    tensors under the estimate's meters. Its states are still built by the optimizer's own code, their bytes its
+    own; the constants it builds with ``.tolist()`` (quantization maps, cached) are made first, on real tensors,
+    by one step of ``build_optimizer`` on a small real parameter."""
+
+    def compile_as_in_place_update(function, **options):
+        return update_in_place
+
+    with unittest.mock.patch.object(torch, "compile", compile_as_in_place_update):
+        with unset_fake_temporarily():
+            warm_up = nn.Parameter(torch.zeros(2**16))  # over torchao's 4,096-value floor, a multiple of any block
+            warm_up.grad = torch.zeros_like(warm_up)
+            build_optimizer([warm_up]).step()
+        yield
+
+
+def update_in_place(param: torch.Tensor, grad: torch.Tensor, *state_and_settings) -> None:
+    """The memory of a fused AdamW kernel: it reads the gradient and writes the parameter, creating nothing."""
+    param.sub_(grad)
 
 
 class MatrixAdafactor(torch.optim.Adafactor):

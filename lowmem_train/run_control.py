@@ -121,9 +121,11 @@ class RunControl(L.Callback):
         if self.on_nonfinite == "skip":
             self.skipped_steps += 1
             return
-        strategies = "+".join(s.name for s in trainer.lightning_module.strategies) or "none"
-        self.stop = (f"non-finite {what} at step {trainer.global_step + 1} (strategy={strategies}; "
-                     "on_nonfinite=skip skips such steps)", NONFINITE_EXIT_CODE)
+        strategies = trainer.lightning_module.strategies
+        hints = "".join(f"{hint}; " for hint in (s.nonfinite_hint() for s in strategies) if hint)
+        self.stop = (f"non-finite {what} at step {trainer.global_step + 1} (strategy="
+                     f"{'+'.join(s.name for s in strategies) or 'none'}; {hints}on_nonfinite=skip skips such steps)",
+                     NONFINITE_EXIT_CODE)
 
     # -- stopping at a step boundary, with a checkpoint -------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

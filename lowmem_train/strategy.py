@@ -132,6 +132,10 @@ class Strategy:
         that overrides it replaces backprop; the trainer calls it under ``torch.no_grad``."""
         raise NotImplementedError
 
+    def nonfinite_hint(self) -> str | None:
+        """What to change when a run under this strategy diverges (the non-finite stop's line says it), or None."""
+        return None
+
     def sharding_problem(self) -> str | None:
         """Why this strategy, with its options, cannot run on a model sharded by FSDP2 (``trainer=fsdp``), or None."""
         return None

@@ -6,7 +6,7 @@
         --override data=synthetic --zo-parameters all
 
 The same model, data and seed are trained through the trainer with ``strategy=none`` and ``checkpoint``
-(AdamW) and ``zo_sgd`` (SGD without momentum, MeZO's update), on the parameters ``--zo-parameters`` names: by
+(AdamW) and ``zo_sgd`` (SGD without momentum on the raw estimate, MeZO's update), on the parameters ``--zo-parameters`` names: by
 default the digits classifier's head (``fc.*``), since zeroth order on all 11M values of a random-init ResNet-18
 barely moves in hundreds of steps (MeZO fine-tunes pretrained models); ``all`` for every parameter. Writes ``zo_vs_backprop.csv`` (one row per step:
 run, step, forward passes so far, loss), ``zo_vs_backprop.md`` (saved activation bytes, the accounted step peak,
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> str:
     overrides = args.override if args.override is not None else DIGITS
     backprop = ["optimizer=adamw", f"optimizer.lr={args.backprop_lr}"]
     zo = ["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false", f"optimizer.lr={args.zo_lr}",
+          "strategy.zo_sgd.normalize=false",
           f"strategy.zo_sgd.n_perturbations={args.n_perturbations}"]
     if args.zo_parameters != "all":
         zo.append(f"strategy.zo_sgd.parameters=[{args.zo_parameters}]")

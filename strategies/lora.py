@@ -140,9 +140,9 @@ class Lora(Strategy):
         return [SaveAdapters(self.options.save_merged)]
 
     def estimate_problem(self) -> str | None:
-        if self.options.quantize != "none":
-            return (f"quantize={self.options.quantize}: bitsandbytes builds its quantized weights on a real device, "
-                    "not on fake tensors")
+        if self.options.quantize == "int8":
+            return ("quantize=int8: bitsandbytes builds its quantized weights on a real device, not on fake tensors, "
+                    "and LLM.int8's outlier columns depend on the weights' values; quantize=nf4 is estimable")
         return None  # tests/test_estimate.py checks its fake step against a real one
 
     def sharding_problem(self) -> str | None:
@@ -210,10 +210,13 @@ def initialise_adapters(model: nn.Module, seed: int) -> None:
 
 def quantized_linear(linear: nn.Linear, quantize: str) -> nn.Module:
     """The frozen ``linear`` as a bitsandbytes layer: NF4 (blocks of 64, double-quantised scales, computing in
-    the weight's dtype) or LLM.int8 (row-wise int8, outlier columns above 6 in higher precision)."""
+    the weight's dtype) or LLM.int8 (row-wise int8, outlier columns above 6 in higher precision). A weight on
+    the meta device (``estimate=true`` builds there) has no values to quantize: NF4 gets its memory model."""
     import bitsandbytes as bnb
 
     weight = linear.weight.detach()
+    if weight.device.type == "meta" and quantize == "nf4":
+        return NF4LinearMemory(linear)
     bias = linear.bias is not None
     if quantize == "nf4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=weight.dtype,
@@ -231,6 +234,58 @@ def quantized_linear(linear: nn.Linear, quantize: str) -> nn.Module:
     if bias:
         layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
     return layer.to(weight.device if weight.device.type != "meta" else "cpu")  # bitsandbytes quantizes on .to()
+
+
+class NF4LinearMemory(nn.Linear):
+    """What bitsandbytes' NF4 ``Linear4bit`` holds and allocates, without its values (the estimate runs on fake
+    tensors, which bitsandbytes' parameters cannot wrap): 4-bit codes, a uint8 scale per block of 64 with an
+    fp32 scale per 256 of those, its two code books and its settings as JSON; forward and backward each
+    dequantize the whole weight to the compute dtype for their matmul (after the block scales, in fp32), and
+    nothing of the input is saved. A ``nn.Linear`` so that PEFT adapts it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        values = linear.weight.numel()
+        blocks = math.ceil(values / 64)
+
+        def frozen(numel: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(numel, dtype=dtype, device="meta"), requires_grad=False)
+
+        self.weight = frozen(math.ceil(values / 2), torch.uint8)
+        self.absmax, self.quant_map = frozen(blocks, torch.uint8), frozen(16, torch.float32)
+        self.nested_absmax, self.nested_quant_map = frozen(math.ceil(blocks / 256), torch.float32), frozen(256, torch.float32)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.compute_dtype = linear.weight.dtype
+        metadata = {"quant_type": "nf4", "blocksize": 64, "dtype": str(self.compute_dtype).removeprefix("torch."),
+                    "shape": list(linear.weight.shape), "nested_blocksize": 256, "nested_dtype": "float32",
+                    "nested_offset": 0.061527371406555176}  # the scales' mean, an fp32 value: its length is typical
+        self.metadata = frozen(len(json.dumps(metadata)), torch.uint8)  # bitsandbytes stores this JSON as uint8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DequantizingMatmul.apply(x, self.weight, self.absmax, self.out_features, self.compute_dtype,
+                                        self.bias)
+
+
+class DequantizingMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codes, absmax, out_features, dtype, bias):
+        ctx.save_for_backward(codes, absmax)  # model state: the saved-tensor meters pass it through
+        ctx.shape, ctx.dtype = (out_features, x.shape[-1]), dtype
+        return nn.functional.linear(x, dequantized(codes, absmax, ctx.shape, dtype).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, absmax = ctx.saved_tensors
+        return grad @ dequantized(codes, absmax, ctx.shape, ctx.dtype).to(grad.dtype), None, None, None, None, None
+
+
+def dequantized(codes: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The allocations of bitsandbytes' ``dequantize_4bit`` (values meaningless): the block scales in fp32, then
+    the weight."""
+    scales = absmax.float()
+    weight = torch.empty(shape, dtype=dtype, device=codes.device)
+    del scales
+    return weight
 
 
 def lora_layers(model: nn.Module):

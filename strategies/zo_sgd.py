@@ -13,7 +13,9 @@ after it, so "restoring" is exact in any dtype (bf16 weights do not drift) and o
 weights exist at a time. Only trainable parameters are perturbed (with ``lora``: the adapters, MeZO+LoRA),
 optionally only those matching ``parameters``::
 
-    lowmem-train recipe=llama_finetune strategy=zo_sgd optimizer=sgd optimizer.momentum=0 optimizer.nesterov=false optimizer.lr=1e-6
+    lowmem-train strategy=zo_sgd     # the recipe's optimizer and learning rate, on the normalized estimate
+    lowmem-train recipe=llama_finetune strategy=zo_sgd strategy.zo_sgd.normalize=false optimizer=sgd \
+        optimizer.momentum=0 optimizer.nesterov=false optimizer.lr=1e-6     # MeZO: its raw estimate and rate
     lowmem-train recipe=llama_finetune 'strategy=[lora,zo_sgd]' optimizer=adamw optimizer.lr=1e-4
 
 Needs many more steps than backprop (MeZO: x10-x100), a pretrained model and a prompt-style task.
@@ -22,6 +24,7 @@ Needs many more steps than backprop (MeZO: x10-x100), a pretrained model and a p
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -47,11 +50,16 @@ BACKWARD_STRATEGIES = frozenset({"checkpoint", "selective_checkpoint", "offload"
 class Options:
     """``eps``: the perturbation scale (MeZO: 1e-3); ``n_perturbations``: seeds per step (2 forwards each),
     the estimate averaged over them; ``parameters``: glob patterns of trainable parameter names to perturb and
-    train (null: every trainable parameter), each must match one; ``seed``: the strategy's own generator."""
+    train (null: every trainable parameter), each must match one; ``normalize``: hand the optimizer the estimate
+    scaled by sqrt(n / (d + n + 1)), d the values perturbed, so its expected norm is the gradient's and the
+    recipe's learning rate, tuned for gradients, takes steps of a gradient's size (false: MeZO's raw estimate,
+    sqrt(d / n) times longer, which needs a learning rate that much smaller); ``seed``: the strategy's own
+    generator."""
 
     eps: float = 1e-3
     n_perturbations: int = 1
     parameters: Optional[list[str]] = None
+    normalize: bool = True
     seed: int = 0
 
     def validate(self, strategy: str) -> None:
@@ -88,11 +96,14 @@ class SPSA:
     """
 
     def __init__(self, model: nn.Module, *, eps: float = 1e-3, n_perturbations: int = 1,
-                 parameters: list[str] | None = None, seed: int = 0):
+                 parameters: list[str] | None = None, normalize: bool = True, seed: int = 0):
         self.model, self.eps, self.n_perturbations, self.seed = model, eps, n_perturbations, seed
         named = chosen_parameters(model, parameters)
         self.names = [n for n, _ in named]
         self.parameters = [p for _, p in named]
+        # E|mean_s g_s z_s|^2 = (d + n + 1) / n |grad|^2 for Gaussian z: scaled, the estimate has a gradient's norm.
+        values = sum(p.numel() for p in self.parameters)
+        self.scale = math.sqrt(n_perturbations / (values + n_perturbations + 1)) if normalize else 1.0
         self.index = {id(p): i for i, p in enumerate(self.parameters)}  # a tied weight: one index, one z
         self.active: tuple[float, int] | None = None  # (sign * eps, seed) while a perturbed forward runs
         self.owners = [m for m in model.modules() if any(id(p) in self.index for p in m.parameters(recurse=False))]
@@ -157,7 +168,7 @@ class SPSA:
     def update(self, optimizer: PerParameterOptimizer, seeds: list[int], projected: list[float]) -> None:
         """Step each parameter on mean_s(g_s z_s(parameter)), one parameter's gradient alive at a time."""
         for index, param in enumerate(self.parameters):
-            grad = sum(g * self.z(index, seed) for g, seed in zip(projected, seeds)) / len(seeds)
+            grad = sum(g * self.z(index, seed) for g, seed in zip(projected, seeds)) * (self.scale / len(seeds))
             param.grad = grad.to(param.dtype)
             optimizer.step_parameter(index)
 
@@ -209,7 +220,8 @@ class ZOSGD(Strategy):
 
     def apply(self, model, plan):
         o = self.options
-        self.spsa = SPSA(model, eps=o.eps, n_perturbations=o.n_perturbations, parameters=o.parameters, seed=o.seed)
+        self.spsa = SPSA(model, eps=o.eps, n_perturbations=o.n_perturbations, parameters=o.parameters,
+                         normalize=o.normalize, seed=o.seed)
 
     def configure_optimizer(self, model, build_default):
         self.optimizer = PerParameterOptimizer(self.spsa.parameters, build_default)
@@ -224,6 +236,14 @@ class ZOSGD(Strategy):
 
     def callbacks(self):
         return [RefuseBackwardSettings()]
+
+    def nonfinite_hint(self) -> str | None:
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer and self.optimizer.param_groups else None
+        if lr is None:
+            return None
+        return (f"zo_sgd diverged at optimizer.lr={lr:g}: a zeroth-order estimate is far noisier than a gradient, "
+                f"try optimizer.lr={lr / 10:g}" + ("" if self.options.normalize else
+                                                   " or strategy.zo_sgd.normalize=true"))
 
     def sharding_problem(self):
         return "it perturbs whole parameters module by module; sharded parameters are not supported"

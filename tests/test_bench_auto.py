@@ -5,9 +5,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_auto.py"
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_sweep_measures_every_configuration_and_auto_meets_its_budgets(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_auto", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -27,6 +27,7 @@ def read_csv(path: Path) -> dict[str, dict]:
         return {row["config"]: row for row in csv.DictReader(file)}
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_smoke_runs_every_configuration_and_writes_csv_table_and_plot(bench, tmp_path):
     rows = bench.main(["--smoke", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)])
     assert len(rows) == len(bench.CONFIGS)

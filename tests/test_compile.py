@@ -74,6 +74,7 @@ def test_bad_options_are_one_line_errors(options, message):
         get_strategy_class("compile")(options)
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_second_run_loads_compiled_code_from_the_cache_next_to_the_run_dirs(tmp_path):
     args = ("recipe=llama_finetune", "model=llama_tiny", "data=synthetic", "data.seq_len=32", "data.batch_size=4",
             "trainer=debug", "strategy=compile")

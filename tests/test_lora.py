@@ -281,7 +281,8 @@ def test_adapter_initialisation_draws_from_its_own_generator():
     assert not torch.equal(*(next(v for k, v in adapters(m).items() if "lora_A" in k) for m in (first, other_seed)))
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("variant", ["lora", pytest.param("dora", marks=pytest.mark.slow),
+                                     pytest.param("qlora", marks=pytest.mark.slow)])  # CI time; qlora resumes below
 def test_cli_fine_tunes_an_instruction_model_and_its_adapters_reload(tiny_pretrained_llm, tmp_path, variant):
     """Through the CLI on an instruction JSONL: the loss falls; the saved adapters, loaded by PEFT onto the
     base, give the same logits as the merged model saved beside them."""

@@ -254,6 +254,7 @@ INTERRUPTIBLE = [*TINY_LLAMA, "+model.config.attention_dropout=0.2", "trainer.ma
                  "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_ctrl_c_writes_report_and_checkpoint_and_resume_continues_the_loss_curve_exactly(tmp_path):
     """Dropout on, 8 batches per epoch: the resumed run sees the batches and dropout masks of the uninterrupted one."""
     stopped_dir, process, stderr = interrupted_run(tmp_path, INTERRUPTIBLE, signal.SIGINT)

@@ -164,6 +164,7 @@ def cli_losses(run_dir) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(file)]
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_fsdp_run_matches_ddp_reports_every_rank_and_resumes_exactly(tmp_path):
     from conftest import compose_config, read_report, run_cli
     from lowmem_train.cli import with_trainer_keywords
@@ -237,6 +238,7 @@ def test_slurm_launcher_asks_one_task_per_device_on_every_node():
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_submitit_local_sweep_runs_every_job_and_writes_the_summary(tmp_path):
     from conftest import run_cli
 

@@ -73,6 +73,27 @@ def test_estimate_averaged_over_seeds_points_along_the_gradient():
     assert torch.nn.functional.cosine_similarity(estimate, exact, dim=0) >= 0.9
 
 
+def test_the_normalized_estimate_has_the_gradient_norm_on_average():
+    """E|g z|^2 = (d + 2) |grad|^2 for one Gaussian perturbation: scaled by sqrt(n / (d + n + 1)), the estimate the
+    optimizer steps on is as long as a gradient, so the recipe's learning rate means a step of a gradient's size."""
+    model, (x, y) = mlp(), batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    exact = sum(float(p.grad.square().sum()) for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    raw, normalized = SPSA(model, normalize=False), SPSA(model)
+    assert raw.scale == 1.0 and normalized.scale == pytest.approx((1 / (108 + 2)) ** 0.5)  # d = 108 values
+    raw.remove()
+    with torch.no_grad():
+        seeds, projected, _ = normalized.projected_gradients(
+            lambda: step_output(nn.functional.cross_entropy(model(x), y)), 0)
+        squared = [sum(float((normalized.scale * g * normalized.z(i, s)).square().sum())
+                       for i in range(len(normalized.parameters)))
+                   for step in range(400)
+                   for s, g in zip(*normalized.projected_gradients(
+                       lambda: step_output(nn.functional.cross_entropy(model(x), y)), step)[:2])]
+    assert sum(squared) / len(squared) == pytest.approx(exact, rel=0.25)
+
+
 def test_a_step_draws_the_model_random_stream_as_one_forward_and_updates_on_the_estimate():
     model, (x, y) = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4)), batch()
     spsa = SPSA(model, eps=1e-3, n_perturbations=2)
@@ -141,6 +162,7 @@ def test_loss_falls_on_digits_through_the_cli(tmp_path):
     """The classifier's head trained forward-only on top of the random ResNet-18 (5,130 values: zeroth order
     moves d / n_perturbations times slower than backprop, so a few dozen steps move a small set)."""
     result = run_cli("strategy=zo_sgd", "strategy.zo_sgd.n_perturbations=8", "strategy.zo_sgd.parameters=[fc.*]",
+                     "strategy.zo_sgd.normalize=false",
                      "optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false", "optimizer.lr=2e-3",
                      "model.arch=resnet18", "data.image_size=8", "data.batch_size=32", "trainer.max_steps=60",
                      "trainer.max_epochs=-1", "trainer.enable_checkpointing=false", "trainer.limit_val_batches=2",
@@ -151,18 +173,45 @@ def test_loss_falls_on_digits_through_the_cli(tmp_path):
     assert read_report(tmp_path)["activation_bytes"] == 0
 
 
+@pytest.mark.slow  # CI time: over 30 s on 2 cores
 def test_causal_lm_fine_tune_loss_falls_through_the_cli(tmp_path, tiny_pretrained_llm):
     """Every parameter of the tiny instruction model (~100k values), responses only (prompt tokens masked)."""
     result = run_cli("recipe=llama_finetune", f"model.name_or_path={tiny_pretrained_llm.model_dir}",
                      "model.dtype=float32", "data=instruct", "data.path=json",
                      f"data.data_files={tiny_pretrained_llm.instruct_jsonl}", "data.seq_len=48", "data.batch_size=8",
                      "data.val_fraction=0.1", "strategy=zo_sgd", "strategy.zo_sgd.n_perturbations=8",
+                     "strategy.zo_sgd.normalize=false",
                      "optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false", "optimizer.lr=3e-3",
                      "trainer.max_steps=40", "trainer.max_epochs=-1", "trainer.enable_checkpointing=false",
                      f"run_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = run_losses(tmp_path)  # measured: 4.73 over the first 10 steps, 4.09 over steps 31-40
     assert falls(losses, 10, 0.92), losses
+
+
+def test_the_divergence_hint_names_the_learning_rate():
+    from lowmem_train.strategy import get_strategy_class
+
+    strategy = get_strategy_class("zo_sgd")({"normalize": False})
+    model = mlp()
+    strategy.apply(model, strategy.plan(model))
+    strategy.configure_optimizer(model, lambda p: torch.optim.SGD(p, lr=0.05))
+    assert strategy.nonfinite_hint() == ("zo_sgd diverged at optimizer.lr=0.05: a zeroth-order estimate is far "
+                                         "noisier than a gradient, try optimizer.lr=0.005 or "
+                                         "strategy.zo_sgd.normalize=true")
+
+
+@pytest.mark.slow  # ~60 s: ResNet-18 forwards until the loss overflows
+def test_a_diverging_run_names_the_learning_rate_and_one_to_try(tmp_path):
+    """MeZO's raw estimate at the recipe's backprop learning rate (SGD 0.05) blows up within a few dozen steps; the
+    stop line says which learning rate did it and what to try."""
+    result = run_cli("strategy=zo_sgd", "strategy.zo_sgd.normalize=false", "trainer.max_steps=30",
+                     "trainer.limit_val_batches=0",
+                     f"run_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 3, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"non-finite loss at step \d+ \(strategy=zo_sgd; zo_sgd diverged at optimizer.lr=0.05: .*try "
+                     r"optimizer.lr=0.005 or strategy.zo_sgd.normalize=true; on_nonfinite=skip", line), line
 
 
 def test_a_strategy_that_changes_backward_is_refused_in_one_line(tmp_path):
