@@ -386,7 +386,9 @@ class FakeStepMeter(LiveTensorBytes):
 def train_step(module, optimizer, batch, step: int) -> dict[str, int]:
     """One step in the order of a real one (forward, backward, optimizer step, gradients freed); the gradient
     bytes at the optimizer step."""
-    module.training_step(batch, step).backward()
+    loss = module.training_step(batch, step)
+    if loss is not None:  # None: a forward-only strategy (zo_sgd) stepped inside training_step
+        loss.backward()
     grads = gradient_bytes(module)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

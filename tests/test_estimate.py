@@ -44,8 +44,9 @@ def assert_predicted(real: dict, estimated: dict) -> None:
     pytest.param(("strategy=[reversible]",), marks=pytest.mark.slow),
     ("strategy=[velora]", "strategy.velora.groups=16"),
     ("strategy=[lora,checkpoint,chunked_ce]", "strategy.lora.quantize=nf4", "model.dtype=bfloat16"),
+    ("strategy=[zo_sgd]",),
 ], ids=["none", "checkpoint+chunked_ce", "lora-bf16", "step_in_backward+adafactor", "bf16-adamw", "compress",
-        "compress4+checkpoint-bf16", "reversible", "velora", "qlora-nf4"])
+        "compress4+checkpoint-bf16", "reversible", "velora", "qlora-nf4", "zo_sgd"])
 def test_the_estimate_matches_a_real_cpu_step(tmp_path, overrides):
     real, estimated = real_and_estimated(tmp_path, *TINY, *overrides)
     assert_predicted(real, estimated)
