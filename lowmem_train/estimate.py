@@ -221,7 +221,7 @@ def fake_steps(recipe, strategies: list[Strategy], optimizer_factory, device: De
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no trainer: the module's logging is a no-op
         fake_state(model)
         if measuring < len(strategies):  # auto: it measures its menu on the fake model, timed by the device preset
-            touched |= apply_measured(model, recipe, strategies[measuring:], optimizer_factory, device, mfu)
+            touched |= apply_measured(model, recipe, strategies[measuring:], optimizer_factory)
         if sharding is not None:
             shard_model(model, mesh, param_dtype=sharding.param_dtype, reduce_dtype=sharding.reduce_dtype,
                         reshard_after_forward=sharding.reshard_after_forward)
@@ -260,21 +260,27 @@ class EstimateFakeMode(FakeTensorMode):
         return FakeTensorMode.avoid_device_init.fget(self)
 
 
-def apply_measured(model, recipe, strategies: list[Strategy], optimizer_factory, device: DevicePreset,
-                   mfu: float) -> dict:
+def apply_measured(model, recipe, strategies: list[Strategy], optimizer_factory) -> dict:
     """Apply ``strategies`` (the first measures the model before deciding: auto) to the fake ``model``, their
-    example the shape batch and their clock the device preset's time model (``DeviceClock``)."""
+    example the shape batch and their clock the estimated device's time model (``DeviceClock``)."""
     batch = recipe.shape_batch()
-    with DeviceClock(device, mfu) as clock:
+    with DeviceClock() as clock:
         give_example(strategies, ExampleBatch(loss=lambda m: recipe.forward(m, batch).mean_loss(),
                                               build_optimizer=optimizer_factory, device=torch.device("cpu"),
                                               clock=clock.seconds))
         return apply_built(model, strategies)
 
 
-def stand_in_scalar(tensor: torch.Tensor):
-    """What a value read off a fake tensor (``.item()``, ``bool(t)``) stands for: 1, or True (see FakeStepMeter)."""
-    return True if tensor.dtype == torch.bool else 1.0 if tensor.dtype.is_floating_point or tensor.dtype.is_complex else 1
+def uncounted(func, args, kwargs):
+    """What a meter answers without counting, or None: ``tensor.device`` (half the calls of a step), and a value
+    read off a fake tensor (``.item()``, ``bool(t)``), which stands in as 1, or True: a step's bytes do not depend
+    on it (see FakeStepMeter)."""
+    if func is torch.ops.prim.device.default:
+        return func(*args, **(kwargs or {}))
+    if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+        dtype = args[0].dtype
+        return True if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1
+    return None
 
 
 def op_flops(func, args, kwargs, out) -> int:
@@ -340,24 +346,21 @@ def estimated_device(device: DevicePreset, mfu: float):
 
 
 class DeviceClock(TorchDispatchMode):
-    """The seconds the estimated device would take for the ops run under it (``TimeModel``, op by op). Values read
-    off fake tensors get stand-ins, as in ``FakeStepMeter``."""
+    """The seconds the estimated device (``estimated_device``) would take for the ops run under it, op by op."""
 
-    def __init__(self, device: DevicePreset, mfu: float):
+    def __init__(self):
         super().__init__()
-        self.model = TimeModel(device, mfu)
         self.elapsed = 0.0
 
     def seconds(self) -> float:
         return self.elapsed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.prim.device.default:
-            return func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            return stand_in_scalar(args[0])
+        answer = uncounted(func, args, kwargs)
+        if answer is not None:
+            return answer
         out = func(*args, **(kwargs or {}))
-        self.elapsed += self.model.op_seconds(func, args, kwargs, out)
+        self.elapsed += modelled_op_seconds(func, args, kwargs, out)
         return out
 
 
@@ -374,10 +377,9 @@ class FakeStepMeter(LiveTensorBytes):
         self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.prim.device.default:  # half the calls of a step: ``tensor.device``, nothing to count
-            return func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            return stand_in_scalar(args[0])
+        answer = uncounted(func, args, kwargs)
+        if answer is not None:
+            return answer
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self.flops += op_flops(func, args, kwargs, out)
         return out
